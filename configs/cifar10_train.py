@@ -1,0 +1,6 @@
+"""cifar10_train.yml: class-conditional DDPM on CIFAR-10, 800k iterations, batch 128, 10% label dropout."""
+from sfd_jax.config_base import pretrain_config
+
+
+def get_config():
+    return pretrain_config()

@@ -1,0 +1,3 @@
+from sfd_jax.cli import main
+
+main()

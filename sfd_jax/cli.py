@@ -1,0 +1,25 @@
+"""``sfd-jax <command> [flags]``: one console script for every entry point (``python -m sfd_jax.<command>``)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "sample": ("sfd_jax.sample", "sample images from a DDPM or a distilled generator"),
+    "convert": ("sfd_jax.convert.__main__", "convert original .pth checkpoints to and from ours"),
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+        print("usage: sfd-jax <command> [flags]   (each command takes --help)\n\ncommands:")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:10s} {doc}")
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    cmd = sys.argv[1]
+    if cmd not in COMMANDS:
+        print(f"sfd-jax: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[cmd][0])
+    sys.argv = [f"sfd-jax {cmd}"] + sys.argv[2:]
+    module.cli()

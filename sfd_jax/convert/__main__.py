@@ -1,0 +1,96 @@
+r"""Checkpoint conversion.
+
+  python -m sfd_jax.convert ddpm --src ckpt.pth --config configs/cifar10_sfd.py --out DIR
+      original DDPM .pth (pretrained or distilled) -> our Orbax checkpoint DIR/checkpoints/<step>/
+  python -m sfd_jax.convert ddpm-to-pth --checkpoint DIR --out ckpt.pth
+      our checkpoint -> a .pth the original code loads (needs torch)
+"""
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.cli_utils import UsageError, run
+
+config_flags.DEFINE_config_file("config", None, "Recipe config describing the architecture (configs/<recipe>.py).",
+                                lock_config=False)
+flags.DEFINE_string("src", None, "ddpm: the original .pth file.")
+flags.DEFINE_string("checkpoint", None, "ddpm-to-pth: our checkpoint directory.")
+flags.DEFINE_string("out", None, "Output: a directory (ddpm) or a .pth file (ddpm-to-pth).")
+FLAGS = flags.FLAGS
+
+COMMANDS = ("ddpm", "ddpm-to-pth")
+
+
+def convert_ddpm(src: str, config, out: str) -> str:
+    """Original .pth -> our checkpoint under ``out``; returns the step directory written."""
+    from sfd_jax.checkpoint import Checkpointer
+    from sfd_jax.convert.ddpm import check_params, read_seed_ddpm_checkpoint
+    from sfd_jax.ddpm_weights import abstract_params
+
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--src {src!r} does not exist")
+    if config is None:
+        raise UsageError("--config is required: an original .pth carries no config")
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --out")
+    kind, step, nets = read_seed_ddpm_checkpoint(src)
+    expected = abstract_params(config)
+    present = {k: v for k, v in nets.items() if v is not None}
+    if not present:
+        raise UsageError(f"{src} holds no network weights")
+    for name, params in present.items():
+        check_params(params, expected, what=f"{os.path.basename(src)} [{name}]")
+    ckpt = Checkpointer(ckpt_dir)
+    step = 0 if step is None else step
+    ckpt.save(step, present, config=config,
+              meta={"source": os.path.abspath(src), "kind": kind, "format": "seed_ddpm_pth", "step": step})
+    ckpt.wait()
+    ckpt.close()
+    return os.path.join(ckpt_dir, str(step))
+
+
+def export_ddpm(checkpoint: str, out: str) -> None:
+    """Our checkpoint -> original .pth (the list layout of the original for its kind)."""
+    from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
+    from sfd_jax.convert.ddpm import save_seed_ddpm_checkpoint
+    from sfd_jax.ddpm_weights import abstract_params
+
+    directory, step = resolve_checkpoint_dir(checkpoint)
+    ckpt = Checkpointer(directory)
+    step = ckpt._step(step)
+    config = ckpt.restore_config(step)
+    target = abstract_params(config)
+    names = [n for n in ("model", "ema", "fake_score", "generator", "generator_ema") if n in ckpt.items(step)]
+    nets = ckpt.restore({n: target for n in names}, step)
+    save_seed_ddpm_checkpoint(out, step=step, **nets)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise UsageError(f"expected one command out of {', '.join(COMMANDS)} (got {' '.join(argv[1:]) or 'none'})")
+    if not FLAGS.out:
+        raise UsageError("--out is required")
+    if argv[1] == "ddpm":
+        if not FLAGS.src:
+            raise UsageError("--src is required")
+        written = convert_ddpm(FLAGS.src, FLAGS.config, FLAGS.out)
+        print(f"wrote {written}")
+    else:
+        if not FLAGS.checkpoint:
+            raise UsageError("--checkpoint is required")
+        if not os.path.exists(FLAGS.checkpoint):
+            raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist")
+        export_ddpm(FLAGS.checkpoint, FLAGS.out)
+        print(f"wrote {FLAGS.out}")
+
+
+def cli():
+    run(main, "sfd_jax.convert")
+
+
+if __name__ == "__main__":
+    cli()

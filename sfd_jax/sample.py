@@ -1,0 +1,161 @@
+r"""Sample images from a class-conditional DDPM or a distilled one-step generator.
+
+  python -m sfd_jax.sample --checkpoint=RUN_DIR --classes=x0 --n_per_class=100 --out=samples/
+  python -m sfd_jax.sample --checkpoint=ckpt-49999.pth --config=configs/cifar10_sfd.py --out=s.npz
+
+``--checkpoint`` is one of our Orbax checkpoints (a workdir, its ``checkpoints/`` or one step directory) or an
+original ``.pth`` (which carries no config: then ``--config`` says the architecture). ``--out X.npz`` writes
+``images`` (NHWC float32, data space, unclamped) and ``labels``; ``--out DIR`` writes per-image PNGs named
+``{class:03d}_{id:05d}.png`` (ids restart per class, like the original's FID dumps) and ``grid.png``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.cli_utils import UsageError, parse_int_list, run
+
+config_flags.DEFINE_config_file(
+    "config", None, "Recipe config (configs/<recipe>.py), with --config.x.y=... overrides. Required for an "
+    "original .pth; replaces the config stored in our checkpoints.", lock_config=False)
+flags.DEFINE_string("checkpoint", None, "Our checkpoint directory or an original .pth file.")
+flags.DEFINE_string("sampler", "auto", "one_step | ddim | ddpm | auto (one_step for distilled checkpoints, else ddim).")
+flags.DEFINE_integer("steps", 100, "Sampling steps for ddim/ddpm (the original's --timesteps, default 1000 there).")
+flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0: deterministic DDIM; 1: the original's default).")
+flags.DEFINE_string("skip", "uniform", "Timestep spacing for ddim/ddpm: uniform | quad.")
+flags.DEFINE_float("cond_scale", 0.0, "Guidance s: eps = (1+s)*cond - s*uncond (0: none; the original's default is 2).")
+flags.DEFINE_string("weights", "ema", "ema | raw: the EMA or raw weights of the generator (or model).")
+flags.DEFINE_string("classes", "", "Comma list of classes ('0,3,5'), or 'x0,x3' for all classes except those. "
+                    "Default: all classes.")
+flags.DEFINE_integer("n_per_class", 10, "Images per class.")
+flags.DEFINE_integer("batch", None, "Global batch size (default: config.sampling.batch_size).")
+flags.DEFINE_integer("seed", 1234, "Random seed (initial noise is drawn per sample, so batch size does not matter).")
+flags.DEFINE_string("out", None, "X.npz for arrays, or a directory for PNGs + grid.png.")
+flags.DEFINE_string("noise", None, "Replay initial noise from an .npy [N,H,W,C] float32 (needs --labels or one class).")
+flags.DEFINE_string("labels", None, "Replay labels from an .npy [N] int (overrides --classes/--n_per_class).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def parse_classes(text: str, n_classes: int) -> list[int]:
+    """'0,3' -> [0, 3]; 'x0,x3' -> every class but 0 and 3; '' -> all. Raises UsageError on bad input."""
+    if not text.strip():
+        return list(range(n_classes))
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    excluded = [v.startswith("x") for v in items]
+    if any(excluded) and not all(excluded):
+        raise UsageError(f"--classes mixes included and excluded ('x') classes: {text!r}")
+    values = parse_int_list(",".join(v.lstrip("x") for v in items), "--classes")
+    bad = [v for v in values if not 0 <= v < n_classes]
+    if bad:
+        raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
+    if all(excluded):
+        return [c for c in range(n_classes) if c not in values]
+    return values
+
+
+def _labels_and_noise(n_classes: int, image_shape) -> tuple[np.ndarray, np.ndarray | None]:
+    if FLAGS.labels:
+        if not os.path.isfile(FLAGS.labels):
+            raise FileNotFoundError(f"--labels file {FLAGS.labels!r} does not exist")
+        labels = np.load(FLAGS.labels).astype(np.int64).reshape(-1)
+    else:
+        classes = parse_classes(FLAGS.classes, n_classes)
+        if FLAGS.n_per_class < 1:
+            raise UsageError(f"--n_per_class must be >= 1, got {FLAGS.n_per_class}")
+        labels = np.repeat(np.asarray(classes, np.int64), FLAGS.n_per_class)
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if bad.size:
+        raise UsageError(f"label {int(bad[0])} is outside [0, {n_classes})")
+    noise = None
+    if FLAGS.noise:
+        if not os.path.isfile(FLAGS.noise):
+            raise FileNotFoundError(f"--noise file {FLAGS.noise!r} does not exist")
+        noise = np.load(FLAGS.noise).astype(np.float32)
+        if noise.shape != (len(labels),) + tuple(image_shape):
+            raise UsageError(f"--noise has shape {noise.shape}, expected {(len(labels),) + tuple(image_shape)} "
+                             "(N matching the labels, NHWC)")
+    return labels, noise
+
+
+def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Write the npz or the PNG folder; returns the paths written."""
+    from sfd_jax.images import save_grid, save_png, to_uint8
+
+    if out.endswith(".npz"):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        np.savez(out, images=images.astype(np.float32), labels=labels.astype(np.int64))
+        return [out]
+    os.makedirs(out, exist_ok=True)
+    written, counters = [], {}
+    u8 = to_uint8(images)
+    for img, c in zip(u8, labels):
+        i = counters.get(int(c), 0)
+        counters[int(c)] = i + 1
+        path = os.path.join(out, f"{int(c):03d}_{i:05d}.png")
+        save_png(img, path)
+        written.append(path)
+    per_row = max(counters.values()) if len(counters) > 1 else min(len(labels), 10)
+    order = np.argsort(labels, kind="stable")
+    grid_path = os.path.join(out, "grid.png")
+    save_grid(images[order][: 100 * per_row], grid_path, nrow=min(per_row, 32))
+    written.append(grid_path)
+    return written
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint:
+        raise UsageError("--checkpoint is required")
+    if not FLAGS.out:
+        raise UsageError("--out is required (X.npz or a directory)")
+    if FLAGS.sampler not in ("auto", "one_step", "ddim", "ddpm"):
+        raise UsageError(f"unknown sampler {FLAGS.sampler!r}; expected one_step, ddim, ddpm or auto")
+    if FLAGS.skip not in ("uniform", "quad"):
+        raise UsageError(f"unknown --skip {FLAGS.skip!r}; expected uniform or quad")
+    if FLAGS.weights not in ("ema", "raw"):
+        raise UsageError(f"--weights must be ema or raw, got {FLAGS.weights!r}")
+    if not os.path.exists(FLAGS.checkpoint):
+        raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist")
+
+    # Heavy imports after the cheap checks.
+    import jax
+    from sfd_jax import diffusion, parallel
+    from sfd_jax.ddpm_weights import load_network, t_init_of
+    from sfd_jax.generate import DDPMSampler, generate
+    from sfd_jax.models.ddpm_unet import ConditionalUNet
+
+    mesh = parallel.make_mesh()
+    net = load_network(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights,
+                       sharding=parallel.replicated(mesh))
+    config = net.config
+    sampler_name = FLAGS.sampler
+    if sampler_name == "auto":
+        sampler_name = "one_step" if net.kind == "distilled" else "ddim"
+    if sampler_name != "one_step" and not 1 <= FLAGS.steps <= config.diffusion.num_diffusion_timesteps:
+        raise UsageError(f"--steps must be in [1, {config.diffusion.num_diffusion_timesteps}], got {FLAGS.steps}")
+    image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
+    labels, noise = _labels_and_noise(config.data.n_classes, image_shape)
+
+    _, alphas_cumprod = diffusion.schedule_from_config(config)
+    sampler = DDPMSampler(ConditionalUNet.from_config(config), alphas_cumprod, sampler=sampler_name,
+                          t_init=t_init_of(config), steps=FLAGS.steps, skip=FLAGS.skip, eta=FLAGS.eta,
+                          cond_scale=FLAGS.cond_scale, mesh=mesh)
+    batch = FLAGS.batch or config.sampling.batch_size
+    images = generate(sampler, net.params, labels, image_shape=image_shape, batch_size=batch, seed=FLAGS.seed,
+                      noise=noise, progress=FLAGS.progress)
+    written = write_outputs(FLAGS.out, images, labels)
+    print(f"sampled {len(labels)} images with {sampler_name} from {net.name} of {net.source}; "
+          f"wrote {written[0] if len(written) == 1 else f'{len(written)} files to {FLAGS.out}'}")
+
+
+def cli():
+    run(main, "sfd_jax.sample")
+
+
+if __name__ == "__main__":
+    cli()
