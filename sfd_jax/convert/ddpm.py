@@ -117,13 +117,28 @@ def state_dict_to_params(state_dict: Mapping[str, Any]) -> dict:
 
 
 def params_to_state_dict(params) -> "OrderedDict[str, np.ndarray]":
-    """Nested Flax params -> torch-layout state dict of numpy arrays (names as the original)."""
+    """Nested Flax params -> torch-layout state dict of numpy arrays (names and order as the original)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sd = OrderedDict()
+    items = []
     for kp, value in flat:
         path = tuple(k.key for k in kp)
-        sd[flax_path_to_torch_key(path)] = _to_torch_array(path, np.asarray(value))
-    return sd
+        items.append((flax_path_to_torch_key(path), _to_torch_array(path, np.asarray(value))))
+    return OrderedDict(sorted(items, key=lambda kv: original_order(kv[0])))
+
+
+_TOP_ORDER = ("logvar", "null_classes_emb", "temb", "classes_emb", "cemb", "conv_in", "down", "mid", "up",
+              "norm_out", "conv_out")
+_PART_ORDER = {name: i for i, name in enumerate((
+    "block", "attn", "downsample", "upsample", "block_1", "attn_1", "block_2", "dense", "norm1", "conv1",
+    "temb_cemb_proj", "norm2", "conv2", "nin_shortcut", "norm", "q", "k", "v", "proj_out", "conv", "weight",
+    "bias"))}
+
+
+def original_order(key: str):
+    """Sort key giving the original's ``named_parameters`` order of torch parameter names."""
+    top, *rest = key.split(".")
+    return (_TOP_ORDER.index(top) if top in _TOP_ORDER else len(_TOP_ORDER),
+            [(0, int(p), "") if p.isdigit() else (1, _PART_ORDER.get(p, 99), p) for p in rest])
 
 
 def check_params(params, expected, what: str = "checkpoint") -> None:
@@ -136,16 +151,15 @@ def check_params(params, expected, what: str = "checkpoint") -> None:
         return {flax_path_to_torch_key(tuple(k.key for k in kp)): tuple(np.shape(v))
                 for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     got, want = flat(params), flat(expected)
-    for name, shape in got.items():
+    for name in sorted(set(got) | set(want), key=original_order):
         if name not in want:
             raise CheckpointMismatchError(
-                f"{what} has parameter {name!r} {shape} that the config's model lacks (wrong --config?)")
-        if want[name] != shape:
-            raise CheckpointMismatchError(
-                f"{what} parameter {name!r} has shape {shape} but the config expects {want[name]} (wrong --config?)")
-    for name, shape in want.items():
+                f"{what} has parameter {name!r} {got[name]} that the config's model lacks (wrong --config?)")
         if name not in got:
-            raise CheckpointMismatchError(f"{what} lacks parameter {name!r} {shape} that the config expects")
+            raise CheckpointMismatchError(f"{what} lacks parameter {name!r} {want[name]} that the config expects")
+        if want[name] != got[name]:
+            raise CheckpointMismatchError(f"{what} parameter {name!r} has shape {got[name]} but the config "
+                                          f"expects {want[name]} (wrong --config?)")
 
 
 def read_seed_ddpm_checkpoint(path: str | os.PathLike) -> tuple[str, int | None, dict]:
