@@ -20,6 +20,8 @@ def main() -> None:
     if cmd not in COMMANDS:
         print(f"sfd-jax: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    from absl import flags
     module = importlib.import_module(COMMANDS[cmd][0])
+    flags.adopt_module_key_flags(module)  # so --helpshort lists the command's flags
     sys.argv = [f"sfd-jax {cmd}"] + sys.argv[2:]
     module.cli()

@@ -84,7 +84,7 @@ def load_network(checkpoint: str | os.PathLike, *, config: ml_collections.Config
     kind = "distilled" if ("generator" in items or "generator_ema" in items) else "pretrained"
     name = network or network_for(kind, weights)
     if name not in items:
-        raise UsageError(f"checkpoint {directory} holds no {name!r} weights (it has {', '.join(items)})"
+        raise UsageError(f"checkpoint {directory} holds no {name!r} weights (it has {', '.join(i for i in items if i not in ('config', 'meta'))})"
                          + (" (pass --weights=raw)" if weights == "ema" else ""))
     stored = ckpt.restore_config(step)
     config = stored if config is None else config
