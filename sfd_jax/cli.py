@@ -1,12 +1,13 @@
 """``sfd-jax <command> [flags]``: one console script for every entry point (``python -m sfd_jax.<command>``)."""
 from __future__ import annotations
 
-import importlib
+import runpy
 import sys
 
 COMMANDS = {
     "sample": ("sfd_jax.sample", "sample images from a DDPM or a distilled generator"),
     "convert": ("sfd_jax.convert.__main__", "convert original .pth checkpoints to and from ours"),
+    "demo": ("sfd_jax.demo", "the end-to-end demo"),
 }
 
 
@@ -20,8 +21,6 @@ def main() -> None:
     if cmd not in COMMANDS:
         print(f"sfd-jax: error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    from absl import flags
-    module = importlib.import_module(COMMANDS[cmd][0])
-    flags.adopt_module_key_flags(module)  # so --helpshort lists the command's flags
-    sys.argv = [f"sfd-jax {cmd}"] + sys.argv[2:]
-    module.cli()
+    sys.argv = [sys.argv[0]] + sys.argv[2:]
+    # Run exactly as `python -m <module>` would, so absl's --help lists the command's own flags.
+    runpy.run_module(COMMANDS[cmd][0], run_name="__main__", alter_sys=True)

@@ -65,7 +65,7 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
-    return images.astype(np.float32) / 127.5 - 1.0
+    return images.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
 
 
 def _augment(x: jax.Array, rng: jax.Array, tcfg: TrainConfig) -> jax.Array:
@@ -162,7 +162,7 @@ def train_classifier(config: ClassifierConfig, train_images: np.ndarray, train_l
     aug_key = jax.random.key(tcfg.seed + 1)
 
     def train_step(state, images, labels):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = images.astype(jnp.float32) / 255.0 * 2.0 - 1.0
         x = _augment(x, jax.random.fold_in(aug_key, state["step"]), tcfg)
         others = {k: v for k, v in state["variables"].items() if k != "params"}
 
