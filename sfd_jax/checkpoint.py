@@ -31,12 +31,18 @@ class _QuietPartialRestore(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietPartialRestore())
 
 
+def _abs(path: str | os.PathLike) -> epath.Path:
+    """Orbax needs absolute paths; cloud URLs (gs://...) are kept as they are."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
     """Accept ``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>``.
 
     Returns (the CheckpointManager directory, the step named in the path or None for latest).
     """
-    p = epath.Path(os.fspath(path))
+    p = _abs(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
     if (p / "checkpoints").is_dir():
@@ -53,7 +59,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None,
                  keep_period: int | None = None, async_save: bool = False):
-        self.directory = epath.Path(os.fspath(directory))
+        self.directory = _abs(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
