@@ -25,7 +25,8 @@ def ddpm_base(dataset: str = "CIFAR10", image_size: int = 32, ch_mult=(1, 2, 2, 
     c.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
     c.comments = "nil"
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+    # -1: all remaining devices; arrays smaller than fsdp_min_size elements are replicated, not sharded.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
 
     c.data = ml_collections.ConfigDict(dict(
         dataset=dataset, path="./data", image_size=image_size, channels=3, logit_transform=False,
@@ -35,16 +36,22 @@ def ddpm_base(dataset: str = "CIFAR10", image_size: int = 32, ch_mult=(1, 2, 2, 
     c.model = ml_collections.ConfigDict(dict(
         type="simple", in_channels=3, out_ch=3, ch=128, ch_mult=tuple(ch_mult), num_res_blocks=2,
         attn_resolutions=(16,), dropout=0.1, var_type="fixedlarge", ema_rate=0.9999, ema=True,
-        resamp_with_conv=True, cond_drop_prob=0.1))
+        resamp_with_conv=True, cond_drop_prob=0.1,
+        remat=False))  # ours: recompute block activations in the backward pass
 
     c.diffusion = ml_collections.ConfigDict(dict(
         beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_diffusion_timesteps=1000))
 
     c.training = ml_collections.ConfigDict(dict(
         batch_size=128, n_iters=800000, snapshot_freq=5000, log_freq=50, visualization_samples=100,
-        early_stage_n_intervals=0))   # 0 = no early-stage snapshots (key absent in the original)
+        early_stage_n_intervals=0,    # 0 = no early-stage snapshots (key absent in the original)
+        max_to_keep=0,                # ours: checkpoints kept (0 = all)
+        async_checkpoints=True))      # ours: Orbax writes in the background
 
-    c.sampling = ml_collections.ConfigDict(dict(batch_size=128, last_only=True))
+    c.sampling = ml_collections.ConfigDict(dict(
+        batch_size=128, last_only=True,
+        # ours: how pretraining snapshots draw their grid (the original: 1000-step ancestral, guidance 2)
+        grid_sampler="ddim", grid_steps=50, grid_cond_scale=2.0))
     return c
 
 
@@ -72,6 +79,8 @@ def distill_config(*, sg_lr: float, sg_forget_coef: float, g_forget_coef: float,
         label_to_override=1, pseudo_label_type="rand", use_clf=False, clf_path="",
         init_from_ema=True,
         teacher_from="fake_score",           # the original's rule; 'pretrained' = what --init_ckpt_0 meant
+        pretrained_checkpoint="",            # teacher/fake-score source when teacher_from='pretrained'
+        fused=True,                          # ours: remain+forget passes as one batch (same math)
         # Read by the original with silent defaults (absent from every shipped config):
         cond_scale=0.0, cond_drop_prob=0.0, forget_warmup=0.0, use_diffinst=False))
     return c

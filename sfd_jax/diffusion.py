@@ -86,20 +86,24 @@ def guided_eps(eps_cond: jax.Array, eps_uncond: jax.Array, scale: float) -> jax.
 
 
 def class_conditional_eps_fn(apply_fn: Callable, params, labels: jax.Array, cond_scale: float = 0.0,
-                             *, train: bool = False, rng: jax.Array | None = None) -> EpsFn:
-    """Bind parameters, labels [B] and guidance scale into an eps function of a :class:`ConditionalUNet`.
+                             *, drop_mask: jax.Array | None = None, train: bool = False,
+                             rng: jax.Array | None = None) -> EpsFn:
+    """Bind parameters, labels [B], guidance scale and a null-class mask into an eps function of a
+    :class:`ConditionalUNet`.
 
-    ``cond_scale`` must be a Python float. With cond_scale != 0 the conditional and null-class passes run as one
-    batch of 2B (the same numbers as two passes in eval mode). ``train=True`` enables dropout (needs ``rng``).
+    ``cond_scale`` must be a Python float. With cond_scale != 0 the conditional pass (with ``drop_mask``) and the
+    all-null pass run as one batch of 2B (the same numbers as two passes in eval mode) and are combined as
+    (1+s)·cond − s·uncond. ``train=True`` enables dropout (needs ``rng``).
     """
     rngs = {"dropout": rng} if train else None
     if cond_scale == 0.0:
         def eps_fn(x_t, t):
-            return apply_fn({"params": params}, x_t, t, labels, train=train, rngs=rngs)
+            return apply_fn({"params": params}, x_t, t, labels, drop_mask=drop_mask, train=train, rngs=rngs)
         return eps_fn
 
     b = labels.shape[0]
-    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+    cond_drop = jnp.zeros((b,), bool) if drop_mask is None else drop_mask.astype(bool)
+    drop = jnp.concatenate([cond_drop, jnp.ones((b,), bool)])
 
     def eps_fn(x_t, t):
         out = apply_fn({"params": params}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),

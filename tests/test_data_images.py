@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfd_jax.data import (BatchStream, DatasetError, ImageDataset, dataset_from_config, load_dataset, prefetch,
-                          random_flip, to_model_space)
+from sfd_jax.data import (BatchStream, DatasetError, ImageDataset, dataset_from_config, device_put_fn, load_dataset,
+                          prefetch, random_flip, to_model_space)
 from sfd_jax.data import formats
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -89,6 +89,26 @@ def test_cifar_orientation(tmp_path):
     assert ds.class_names[0] == "airplane"
 
 
+def _py2_batch(row: np.ndarray, label: int) -> bytes:
+    """A batch as Python 2's cPickle (protocol 2) wrote the real CIFAR files: numpy.core names, str payloads."""
+    payload = row.astype(np.uint8).tobytes()
+    return (b"\x80\x02}(U\x04data"
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+            b"(K\x01M\x01\x00M\x00\x0c\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+            b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            b"\x89T" + struct.pack("<I", len(payload)) + payload + b"tb"
+            b"U\x06labels]K" + bytes([label]) + b"au.")
+
+
+def test_cifar_python2_format(tmp_path):
+    rows = _rng(9).integers(0, 256, (6, 3072), dtype=np.uint8)
+    for i, name in enumerate(TRAIN + ["test_batch"]):
+        (tmp_path / name).write_bytes(_py2_batch(rows[i], i))
+    ds = load_dataset("cifar10", tmp_path, split="train+test")
+    np.testing.assert_array_equal(ds.images, rows.reshape(6, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert ds.labels.tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_cifar_tar_gz_read_in_place(tmp_path):
     truth, names = _write_cifar(tmp_path / "src" / "cifar-10-batches-py")
     tar_dir = tmp_path / "data"
@@ -130,7 +150,7 @@ def test_cifar_malicious_pickle_refused(tmp_path, kind):
         load_dataset("cifar10", root)
     msg = str(ei.value)
     assert "\n" not in msg and "refusing to unpickle global" in msg and "data_batch_3" in msg
-    assert ("system" in msg) if kind == "system" else ("builtins.exec" in msg)
+    assert ("system" in msg) if kind == "system" else (".exec'" in msg)
     assert not marker.exists()
 
 
@@ -516,6 +536,12 @@ def test_prefetch_batchstream_to_jax():
         x, y = next(p)
         assert isinstance(x, jax.Array)
         np.testing.assert_array_equal(np.asarray(x), s.local_batch(2)[0])
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+    with prefetch(s.iterate(0), to_device=device_put_fn(sharding)) as p:
+        x, y = next(p)
+        assert x.sharding == sharding and y.shape == (4,)
+        np.testing.assert_array_equal(np.asarray(y), s.global_batch(0)[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

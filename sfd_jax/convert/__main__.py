@@ -4,6 +4,12 @@ r"""Checkpoint conversion.
       original DDPM .pth (pretrained or distilled) -> our Orbax checkpoint DIR/checkpoints/<step>/
   python -m sfd_jax.convert ddpm-to-pth --checkpoint DIR --out ckpt.pth
       our checkpoint -> a .pth the original code loads (needs torch)
+  python -m sfd_jax.convert export-diffusers --checkpoint CKPT --base SD_DIR --out DIR
+      our SD checkpoint's generator -> a complete diffusers pipeline folder (other components from SD_DIR)
+  python -m sfd_jax.convert import-diffusers --src UNET_OR_PIPELINE_DIR --out DIR
+      a diffusers UNet (folder or pipeline's unet/) -> our checkpoint (item 'generator')
+  python -m sfd_jax.convert sid-lsg --src FILE.pkl --out DIR --trust-pickle
+      the SiD-LSG generator pickle's "ema" UNet -> our checkpoint (unpickling runs code; needs torch + diffusers)
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ config_flags.DEFINE_config_file("config", None, "Recipe config describing the ar
 flags.DEFINE_string("src", None, "ddpm: the original .pth file.")
 flags.DEFINE_string("checkpoint", None, "ddpm-to-pth: our checkpoint directory.")
 flags.DEFINE_string("out", None, "Output: a directory (ddpm) or a .pth file (ddpm-to-pth).")
+flags.DEFINE_string("base", None, "export-diffusers: the SD pipeline folder that supplies config and other components.")
+flags.DEFINE_bool("trust-pickle", False, "sid-lsg: allow unpickling --src (runs code from the file).")
 FLAGS = flags.FLAGS
 
-COMMANDS = ("ddpm", "ddpm-to-pth")
+COMMANDS = ("ddpm", "ddpm-to-pth", "export-diffusers", "import-diffusers", "sid-lsg")
 
 
 def convert_ddpm(src: str, config, out: str) -> str:
@@ -78,6 +86,21 @@ def main(argv):
         if not FLAGS.src:
             raise UsageError("--src is required")
         written = convert_ddpm(FLAGS.src, FLAGS.config, FLAGS.out)
+        print(f"wrote {written}")
+    elif argv[1] in ("export-diffusers", "import-diffusers", "sid-lsg"):
+        from sfd_jax.convert import sd_checkpoints as sd
+
+        need = {"export-diffusers": ("checkpoint", "base"), "import-diffusers": ("src",), "sid-lsg": ("src",)}
+        for name in need[argv[1]]:
+            if not FLAGS[name].value:
+                raise UsageError(f"--{name} is required")
+        if argv[1] == "export-diffusers":
+            written = sd.export_diffusers(FLAGS.checkpoint, FLAGS.base, FLAGS.out)
+        elif argv[1] == "import-diffusers":
+            written = sd.import_diffusers_unet(FLAGS.src, FLAGS.out)
+        else:
+            written = sd.import_sid_lsg(FLAGS.src, FLAGS.out, trust_pickle=FLAGS["trust-pickle"].value,
+                                        base=FLAGS.base)
         print(f"wrote {written}")
     else:
         if not FLAGS.checkpoint:

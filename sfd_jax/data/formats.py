@@ -31,22 +31,29 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Safe unpickling of numpy-array pickles (CIFAR-10 python batches)
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _allowed_globals() -> dict[tuple[str, str], object]:
     try:
-        from numpy._core import multiarray as _ma   # numpy >= 2
-    except ImportError:                              # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray as _ma
-    import _codecs
+        from numpy._core import multiarray as _ma, numeric as _nu   # numpy >= 2
+    except ImportError:                                             # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray as _ma, numeric as _nu
     allowed = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,   # how protocol-2 pickles from Python 3 store bytes
+        ("_codecs", "encode"): _latin1_encode,   # how protocol-2 pickles from Python 3 store bytes
     }
     # Python 2 / numpy 1 pickles name numpy.core.multiarray; numpy 2 writes numpy._core.multiarray. Both map to
     # the object we imported ourselves: the module path in the pickle is never imported.
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = _ma._reconstruct
         allowed[(mod, "scalar")] = _ma.scalar
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):   # protocol 5 (frombuffer; object dtypes refused)
+        allowed[(mod, "_frombuffer")] = _nu._frombuffer
     return allowed
 
 

@@ -150,6 +150,7 @@ class ConditionalUNet(nn.Module):
     n_classes: int = 10
     resamp_with_conv: bool = True
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    remat: bool = False       # recompute ResNet/attention activations in the backward pass (saves memory)
 
     @classmethod
     def from_config(cls, config, dtype: Any = None) -> "ConditionalUNet":
@@ -160,7 +161,7 @@ class ConditionalUNet(nn.Module):
         return cls(ch=m.ch, out_ch=m.out_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, in_channels=m.in_channels,
                    resolution=d.image_size, n_classes=d.n_classes, resamp_with_conv=m.resamp_with_conv,
-                   dtype=dtype)
+                   dtype=dtype, remat=bool(m.get("remat", False)))
 
     def init_params(self, rng: Array, batch: int = 1) -> dict:
         """Freshly initialised parameters (PyTorch-default init)."""
@@ -174,6 +175,8 @@ class ConditionalUNet(nn.Module):
                  train: bool = False) -> Array:
         ch, dt = self.ch, self.dtype
         emb_ch = 4 * ch
+        ResBlock = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock  # noqa: N806
+        Attn = nn.remat(AttnBlock) if self.remat else AttnBlock  # noqa: N806
         if x.shape[1] != self.resolution or x.shape[2] != self.resolution:
             raise ValueError(f"ConditionalUNet expects {self.resolution}x{self.resolution} inputs, got "
                              f"{x.shape[1]}x{x.shape[2]}")
@@ -204,10 +207,10 @@ class ConditionalUNet(nn.Module):
         for i in range(levels):
             out = ch * self.ch_mult[i]
             for j in range(self.num_res_blocks):
-                h = ResnetBlock(cur, out, 2 * emb_ch, self.dropout, dt, name=f"down_{i}_block_{j}")(hs[-1], emb, train)
+                h = ResBlock(cur, out, 2 * emb_ch, self.dropout, dt, name=f"down_{i}_block_{j}")(hs[-1], emb, train)
                 cur = out
                 if res in self.attn_resolutions:
-                    h = AttnBlock(cur, dt, name=f"down_{i}_attn_{j}")(h)
+                    h = Attn(cur, dt, name=f"down_{i}_attn_{j}")(h)
                 hs.append(h)
                 hs_ch.append(cur)
             if i != levels - 1:
@@ -216,19 +219,19 @@ class ConditionalUNet(nn.Module):
                 res //= 2
 
         h = hs[-1]
-        h = ResnetBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_1")(h, emb, train)
-        h = AttnBlock(cur, dt, name="mid_attn_1")(h)
-        h = ResnetBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_2")(h, emb, train)
+        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_1")(h, emb, train)
+        h = Attn(cur, dt, name="mid_attn_1")(h)
+        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_2")(h, emb, train)
 
         for i in reversed(range(levels)):
             out = ch * self.ch_mult[i]
             for j in range(self.num_res_blocks + 1):
                 skip, skip_ch = hs.pop(), hs_ch.pop()
-                h = ResnetBlock(cur + skip_ch, out, 2 * emb_ch, self.dropout, dt, name=f"up_{i}_block_{j}")(
+                h = ResBlock(cur + skip_ch, out, 2 * emb_ch, self.dropout, dt, name=f"up_{i}_block_{j}")(
                     jnp.concatenate([h, skip], axis=-1), emb, train)
                 cur = out
                 if res in self.attn_resolutions:
-                    h = AttnBlock(cur, dt, name=f"up_{i}_attn_{j}")(h)
+                    h = Attn(cur, dt, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = Upsample(cur, self.resamp_with_conv, dt, name=f"up_{i}_upsample")(h)
                 res *= 2

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from sfd_jax.cli_utils import UsageError
 
-class UnsupportedConfigError(ValueError):
+
+class UnsupportedConfigError(UsageError, ValueError):
     """A config.json asks for something sfd_jax's modules do not implement."""
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.models.attention import check_implementation, dot_product_attention, merge_heads, split_heads
-from sfd_jax.models.hf_config import parse_config
+from sfd_jax.models.hf_config import UnsupportedConfigError, parse_config
 
 Dtype = Any
 
@@ -40,7 +40,7 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def conv(features: int, dtype: Dtype, name: str, kernel: int = 3, stride: int = 1, padding: int | None = None):
+def conv(features: int, dtype: Dtype, name: str | None, kernel: int = 3, stride: int = 1, padding: int | None = None):
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    dtype=dtype, name=name)
@@ -371,7 +371,7 @@ class UNet2DConditionModel(nn.Module):
             table = DOWN_BLOCKS if key == "down_block_types" else UP_BLOCKS
             for name in fields.get(key, ()):
                 if name not in table:
-                    raise ValueError(f"{what}: unsupported block type {name!r} in {key} "
+                    raise UnsupportedConfigError(f"{what}: unsupported block type {name!r} in {key} "
                                      f"(sfd_jax implements {', '.join(table)})")
         return cls(**fields, **kwargs)
 

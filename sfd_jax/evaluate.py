@@ -1,0 +1,352 @@
+r"""Evaluate generators: forgetting metrics with a classifier, classifier training, FID/sFID/IS/precision/recall.
+
+  python -m sfd_jax.evaluate forgetting --checkpoint=RUN --classifier=CLF [--forget=0] [--n_per_class=100] \
+      [--original_normalisation] [--out=ua.json]
+  python -m sfd_jax.evaluate forgetting --samples=DIR_or_NPZ --classifier=CLF --forget=0
+  python -m sfd_jax.evaluate train-classifier --dataset=digits --arch=cnn --out=clf_digits
+  python -m sfd_jax.evaluate fid --samples=DIR_or_NPZ --ref=DIR_or_NPZ_or_dataset:NAME \
+      --inception=pt_inception-2015-12-05-6726825d.pth [--is] [--pr] [--out=fid.json]
+
+``forgetting`` samples on the fly from ``--checkpoint`` (our Orbax checkpoint or an original ``.pth`` with
+``--config``; the one-step generator for distilled checkpoints) or reads ``--samples`` (PNG folder named
+``{class:03d}_*.png`` or an npz with ``images`` and ``labels``). ``--classifier`` is a directory written by
+``train-classifier`` or a torchvision ResNet-18/34 ``.pth`` (e.g. the original's ``cifar10_resnet34.pth``).
+``fid`` reads the FID Inception weights from ``--inception`` (nothing here downloads them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.cli_utils import UsageError, run
+
+SUBCOMMANDS = ("forgetting", "train-classifier", "fid")
+INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release "
+                  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                  "pt_inception-2015-12-05-6726825d.pth and pass --inception=PATH")
+
+config_flags.DEFINE_config_file("config", None, "forgetting: recipe config for an original .pth checkpoint "
+                                "(replaces the config stored in our checkpoints).", lock_config=False)
+# forgetting
+flags.DEFINE_string("checkpoint", None, "forgetting: generator checkpoint to sample from (ours or an original .pth).")
+flags.DEFINE_string("classifier", None, "forgetting: classifier directory (train-classifier) or torchvision .pth.")
+flags.DEFINE_string("samples", None, "forgetting/fid: a folder of PNGs or an .npz (images, labels) instead of "
+                    "sampling.")
+flags.DEFINE_integer("forget", None, "forgetting: the forgotten class (default: the checkpoint's "
+                     "distill.label_to_forget); -1 for per-class accuracies only.")
+flags.DEFINE_integer("n_per_class", 100, "forgetting: samples per class when sampling on the fly.")
+flags.DEFINE_string("classes", "", "forgetting: classes to sample ('0,3', 'x0' = all but 0; default all).")
+flags.DEFINE_bool("original_normalisation", False, "forgetting: divide the forgotten-class sums by the number of "
+                  "all images, as the original's ua_imagefolder.py (default: proper per-class averages).")
+flags.DEFINE_string("sampler", "auto", "forgetting: one_step | ddim | ddpm | auto (one_step for distilled).")
+flags.DEFINE_integer("steps", 100, "forgetting: steps for ddim/ddpm.")
+flags.DEFINE_float("cond_scale", 0.0, "forgetting: guidance s for ddim/ddpm (0: none).")
+flags.DEFINE_string("weights", "ema", "forgetting: ema | raw generator weights.")
+flags.DEFINE_integer("classifier_input_size", 224, "forgetting: resize for a torchvision .pth classifier "
+                     "(224 as the original; 0 = no resize).")
+flags.DEFINE_string("classifier_normalization", "none", "forgetting: none ([-1,1] inputs, the original's) | "
+                    "imagenet (mean/std) for a torchvision .pth classifier.")
+# train-classifier
+flags.DEFINE_string("dataset", None, "train-classifier: digits | mnist | fashion_mnist | cifar10 | stl10 | npz.")
+flags.DEFINE_string("data_path", None, "train-classifier/fid: dataset directory or file (default ./data).")
+flags.DEFINE_string("arch", "cnn", "train-classifier: cnn | resnet18 | resnet34.")
+flags.DEFINE_string("stem", "cifar", "train-classifier: ResNet stem, cifar | imagenet.")
+flags.DEFINE_integer("width", 32, "train-classifier: CNN base width.")
+flags.DEFINE_integer("image_size", None, "train-classifier: resize the dataset to this size (default native).")
+flags.DEFINE_integer("channels", None, "train-classifier: 1 or 3 channels (default native).")
+flags.DEFINE_string("split", "train", "train-classifier: training split.")
+flags.DEFINE_string("test_split", "test", "train-classifier: held-out split ('' = hold out --val_fraction of "
+                    "the training split).")
+flags.DEFINE_float("val_fraction", 0.1, "train-classifier: held-out fraction when there is no test split.")
+flags.DEFINE_integer("epochs", 30, "train-classifier: epochs.")
+flags.DEFINE_float("lr", 2e-3, "train-classifier: peak learning rate (AdamW, cosine decay).")
+flags.DEFINE_float("weight_decay", 5e-4, "train-classifier: decoupled weight decay.")
+flags.DEFINE_bool("hflip", None, "train-classifier: random horizontal flips (default: on for RGB, off for grey).")
+flags.DEFINE_integer("crop_pad", None, "train-classifier: random shifts up to this many pixels (default 1 for "
+                     "<=16 px, 4 otherwise).")
+# fid
+flags.DEFINE_string("ref", None, "fid: reference set: a folder of PNGs, an npz (images, or mu/sigma stats), or "
+                    "dataset:NAME[:SPLIT] read with --data_path.")
+flags.DEFINE_string("inception", None, "fid: path of pt_inception-2015-12-05-6726825d.pth.")
+flags.DEFINE_bool("is", False, "fid: also the Inception Score of the samples.")
+flags.DEFINE_bool("pr", False, "fid: also improved precision/recall (k=3).")
+flags.DEFINE_bool("sfid", True, "fid: also sFID (spatial features; needs image references, not mu/sigma npz).")
+flags.DEFINE_string("exclude_regex", None, "fid: drop PNGs whose path matches, from both folders (the "
+                    "original's EXCLUDE_REGEX, e.g. '000_\\d{5}\\.png').")
+flags.DEFINE_integer("exclude_class", None, "fid: drop samples with this label (and reference images, for a "
+                     "dataset reference).")
+flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "sfd_jax", "fid_stats"),
+                    "fid: where reference statistics are cached (keyed by content hash; '' = no cache).")
+flags.DEFINE_string("resize", "pytorch_fid", "fid: 299-px resize: pytorch_fid (bilinear, align_corners=False) | "
+                    "tf1 (the TF graph's legacy bilinear, as the original's evaluator).")
+flags.DEFINE_integer("is_split_size", 5000, "fid: Inception Score split size (the original's evaluator: 5000).")
+# common
+flags.DEFINE_string("out", None, "forgetting/fid: JSON output file; train-classifier: output directory.")
+flags.DEFINE_integer("batch", 100, "Batch size (sampling, classifying, Inception).")
+flags.DEFINE_integer("seed", 1234, "Random seed.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+FLAGS = flags.FLAGS
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- forgetting
+def _parse_classes(text: str, n_classes: int) -> list[int]:
+    """'0,3' -> [0, 3]; 'x0,x3' -> every class but 0 and 3; '' -> all (as ``sample --classes``)."""
+    from sfd_jax.cli_utils import parse_int_list
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        return list(range(n_classes))
+    excluded = [v.startswith("x") for v in items]
+    if any(excluded) and not all(excluded):
+        raise UsageError(f"--classes mixes included and excluded ('x') classes: {text!r}")
+    values = parse_int_list(",".join(v.lstrip("x") for v in items), "--classes")
+    bad = [v for v in values if not 0 <= v < n_classes]
+    if bad:
+        raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
+    return [c for c in range(n_classes) if c not in values] if all(excluded) else values
+
+
+def _sample_from_checkpoint(clf_n_classes: int):
+    from sfd_jax import diffusion, parallel
+    from sfd_jax.ddpm_weights import load_network, t_init_of
+    from sfd_jax.generate import DDPMSampler, generate
+    from sfd_jax.images import to_uint8
+    from sfd_jax.models.ddpm_unet import ConditionalUNet
+
+    mesh = parallel.make_mesh()
+    net = load_network(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights,
+                       sharding=parallel.replicated(mesh))
+    config = net.config
+    n_classes = int(config.data.n_classes)
+    if n_classes != clf_n_classes:
+        raise UsageError(f"the classifier has {clf_n_classes} classes but the generator {FLAGS.checkpoint} has "
+                         f"{n_classes}")
+    sampler_name = FLAGS.sampler
+    if sampler_name == "auto":
+        sampler_name = "one_step" if net.kind == "distilled" else "ddim"
+    if FLAGS.n_per_class < 1:
+        raise UsageError(f"--n_per_class must be >= 1, got {FLAGS.n_per_class}")
+    labels = np.repeat(np.asarray(_parse_classes(FLAGS.classes, n_classes), np.int64), FLAGS.n_per_class)
+    shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
+    _, ac = diffusion.schedule_from_config(config)
+    sampler = DDPMSampler(ConditionalUNet.from_config(config), ac, sampler=sampler_name, t_init=t_init_of(config),
+                          steps=FLAGS.steps, cond_scale=FLAGS.cond_scale, mesh=mesh)
+    images = generate(sampler, net.params, labels, image_shape=shape, batch_size=FLAGS.batch, seed=FLAGS.seed,
+                      progress=FLAGS.progress)
+    forget = config.get("distill", {}).get("label_to_forget", None) if "distill" in config else None
+    info = {"checkpoint": os.fspath(FLAGS.checkpoint), "network": net.name, "step": net.step,
+            "sampler": sampler_name, "seed": FLAGS.seed, "n_per_class": FLAGS.n_per_class}
+    return to_uint8(images), labels, forget, info
+
+
+def check_classifier_fits(clf_config, image_shape, what: str, clf_path: str) -> None:
+    """One-line UsageError when the classifier was made for other images than ``image_shape`` (H, W, C)."""
+    h, w, c = image_shape
+    if c != clf_config.channels:
+        raise UsageError(f"classifier {clf_path} takes {clf_config.channels}-channel images but {what} have {c}")
+    if clf_config.input_size is None and (h, w) != (clf_config.image_size, clf_config.image_size):
+        raise UsageError(f"classifier {clf_path} was trained on {clf_config.image_size}x{clf_config.image_size} "
+                         f"images but {what} are {h}x{w}")
+
+
+def forgetting_main() -> dict:
+    from sfd_jax.eval.classifier_train import load_classifier, predict_logits
+    from sfd_jax.eval.forgetting import forgetting_metrics, format_table
+    from sfd_jax.eval.samples import read_images
+
+    if not FLAGS.classifier:
+        raise UsageError("--classifier is required (a train-classifier directory or a torchvision .pth)")
+    if bool(FLAGS.checkpoint) == bool(FLAGS.samples):
+        raise UsageError("pass exactly one of --checkpoint (sample on the fly) and --samples (folder or npz)")
+    if FLAGS.classifier_normalization not in ("none", "imagenet"):
+        raise UsageError(f"--classifier_normalization must be none or imagenet, got {FLAGS.classifier_normalization!r}")
+    if not os.path.exists(FLAGS.classifier):
+        raise FileNotFoundError(f"classifier {FLAGS.classifier!r} does not exist")
+    src = FLAGS.checkpoint or FLAGS.samples
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{'checkpoint' if FLAGS.checkpoint else 'samples'} {src!r} does not exist")
+
+    samples = None
+    if FLAGS.samples:
+        samples = read_images(FLAGS.samples, progress=FLAGS.progress)
+        if samples.labels is None:
+            raise UsageError(f"samples in {FLAGS.samples} carry no labels (name files NNN_*.png, add a dataset.json, "
+                             "or store 'labels' in the npz)")
+    # A torchvision .pth carries no image size: it is set from the samples below.
+    image_size = samples.image_shape[0] if samples is not None else 32
+    clf = load_classifier(FLAGS.classifier, image_size=image_size,
+                          input_size=FLAGS.classifier_input_size or None,
+                          normalization=FLAGS.classifier_normalization)
+    if samples is not None:
+        images, labels, forget_default = samples.images, samples.labels, None
+        info = {"samples": FLAGS.samples}
+        bad = labels[(labels < 0) | (labels >= clf.config.n_classes)]
+        if bad.size:
+            raise UsageError(f"samples in {FLAGS.samples} have label {int(bad[0])}, outside the classifier's "
+                             f"{clf.config.n_classes} classes")
+    else:
+        images, labels, forget_default, info = _sample_from_checkpoint(clf.config.n_classes)
+    if os.path.isfile(FLAGS.classifier):
+        clf.config = dataclasses.replace(clf.config, image_size=int(images.shape[1]))
+    check_classifier_fits(clf.config, images.shape[1:], "the samples", FLAGS.classifier)
+
+    forget = FLAGS.forget if FLAGS.forget is not None else forget_default
+    if forget is None:
+        raise UsageError("pass --forget=K (the forgotten class), or --forget=-1 for per-class accuracies only")
+    forget = None if forget == -1 else int(forget)
+    if forget is not None and not 0 <= forget < clf.config.n_classes:
+        raise UsageError(f"--forget={forget} is outside the classifier's classes [0, {clf.config.n_classes})")
+
+    logits = predict_logits(clf.config, clf.variables, images, batch_size=FLAGS.batch, progress=FLAGS.progress)
+    result = forgetting_metrics(logits, labels, forget, original_normalisation=FLAGS.original_normalisation)
+    result["source"] = dict(info, classifier=os.fspath(FLAGS.classifier), classifier_config=clf.config.to_dict())
+    print(format_table(result))
+    _write_json(FLAGS.out, result)
+    if FLAGS.out:
+        print(f"wrote {FLAGS.out}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------- train-classifier
+def train_classifier_main() -> dict:
+    from sfd_jax.data import DatasetError, load_dataset
+    from sfd_jax.eval.classifier_train import TrainConfig, save_classifier, train_classifier
+    from sfd_jax.models.classifier import ARCHS, ClassifierConfig
+
+    if not FLAGS.dataset:
+        raise UsageError("--dataset is required (digits, mnist, fashion_mnist, cifar10, stl10 or npz)")
+    if not FLAGS.out:
+        raise UsageError("--out is required (the classifier's output directory)")
+    if FLAGS.arch not in ARCHS:
+        raise UsageError(f"unknown --arch {FLAGS.arch!r}; expected one of {', '.join(ARCHS)}")
+    if FLAGS.stem not in ("cifar", "imagenet"):
+        raise UsageError(f"unknown --stem {FLAGS.stem!r}; expected cifar or imagenet")
+    if FLAGS.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {FLAGS.epochs}")
+    try:
+        train = load_dataset(FLAGS.dataset, FLAGS.data_path, split=FLAGS.split, image_size=FLAGS.image_size,
+                             channels=FLAGS.channels)
+        test = None
+        if FLAGS.test_split:
+            try:
+                test = load_dataset(FLAGS.dataset, FLAGS.data_path, split=FLAGS.test_split,
+                                    image_size=FLAGS.image_size, channels=FLAGS.channels)
+            except DatasetError as e:
+                if "split" not in str(e):
+                    raise
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    tr_x, tr_y = train.images, train.labels
+    if test is not None:
+        te_x, te_y, held_out = test.images, test.labels, f"split {FLAGS.test_split!r}"
+    else:
+        if not 0 < FLAGS.val_fraction < 1:
+            raise UsageError(f"--val_fraction must be in (0, 1), got {FLAGS.val_fraction}")
+        perm = np.random.default_rng(FLAGS.seed).permutation(len(tr_x))
+        n_val = max(1, int(round(FLAGS.val_fraction * len(tr_x))))
+        te_x, te_y = tr_x[perm[:n_val]], tr_y[perm[:n_val]]
+        tr_x, tr_y = tr_x[perm[n_val:]], tr_y[perm[n_val:]]
+        held_out = f"{n_val} images of split {FLAGS.split!r} (permutation seed {FLAGS.seed})"
+    h, w, c = tr_x.shape[1:]
+    if h != w:
+        raise UsageError(f"{FLAGS.dataset} images are {h}x{w}; pass --image_size to make them square")
+    cfg = ClassifierConfig(arch=FLAGS.arch, n_classes=train.n_classes, image_size=h, channels=c, width=FLAGS.width,
+                           stem=FLAGS.stem)
+    tcfg = TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch if FLAGS["batch"].present else 128,
+                       lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
+                       hflip=(c == 3) if FLAGS.hflip is None else FLAGS.hflip,
+                       crop_pad=(1 if h <= 16 else 4) if FLAGS.crop_pad is None else FLAGS.crop_pad)
+    variables, hist = train_classifier(cfg, tr_x, tr_y, te_x, te_y, tcfg=tcfg, progress=FLAGS.progress)
+    meta = {"dataset": train.name, "data_path": FLAGS.data_path, "split": FLAGS.split, "held_out": held_out,
+            "n_train": int(len(tr_x)), "n_held_out": int(len(te_x)),
+            "held_out_accuracy": hist["test_acc"][-1], "train_accuracy": hist["train_acc"][-1],
+            "train_loss": hist["train_loss"][-1], "steps": hist["steps"], "batch_size": hist["batch_size"],
+            "train_config": {k: v for k, v in tcfg.__dict__.items()}}
+    out = save_classifier(FLAGS.out, variables, cfg, meta, step=hist["steps"])
+    print(f"{cfg.arch} on {train.name} {h}x{w}x{c}, {cfg.n_classes} classes: held-out accuracy "
+          f"{meta['held_out_accuracy']:.4f} ({held_out}); saved to {out}")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------- fid
+def fid_main() -> dict:
+    from sfd_jax.eval import metrics
+    from sfd_jax.eval.samples import read_images
+
+    if not FLAGS.samples:
+        raise UsageError("--samples is required (a folder of PNGs or an npz)")
+    if not FLAGS.ref:
+        raise UsageError("--ref is required (a folder of PNGs, an npz, or dataset:NAME[:SPLIT])")
+    if not FLAGS.inception:
+        raise UsageError(f"--inception is required: {INCEPTION_HELP}")
+    if not os.path.isfile(FLAGS.inception):
+        raise UsageError(f"Inception weights {FLAGS.inception!r} not found: {INCEPTION_HELP}")
+    if FLAGS.resize not in ("pytorch_fid", "tf1"):
+        raise UsageError(f"--resize must be pytorch_fid or tf1, got {FLAGS.resize!r}")
+    if not os.path.exists(FLAGS.samples):
+        raise FileNotFoundError(f"samples {FLAGS.samples!r} do not exist")
+    samples = read_images(FLAGS.samples, exclude_regex=FLAGS.exclude_regex, progress=FLAGS.progress)
+    if FLAGS.exclude_class is not None:
+        if samples.labels is None:
+            raise UsageError(f"--exclude_class needs labelled samples; {FLAGS.samples} has none")
+        samples = samples.select(samples.labels != FLAGS.exclude_class)
+        if not len(samples.images):
+            raise UsageError(f"no samples left after excluding class {FLAGS.exclude_class}")
+
+    from sfd_jax.eval.inception import InceptionExtractor
+    extractor = InceptionExtractor.from_pth(FLAGS.inception, resize=FLAGS.resize, batch_size=FLAGS.batch)
+    ref = metrics.reference_statistics(FLAGS.ref, extractor, data_path=FLAGS.data_path,
+                                       exclude_regex=FLAGS.exclude_regex, exclude_class=FLAGS.exclude_class,
+                                       need_features=FLAGS.pr, cache_dir=os.path.expanduser(FLAGS.cache_dir) or None,
+                                       progress=FLAGS.progress)
+    feats = extractor.features(samples.images, progress=FLAGS.progress, logits=FLAGS["is"].value)
+    result = {"n_samples": int(len(samples.images)), "n_ref": ref.n, "samples": FLAGS.samples, "ref": FLAGS.ref,
+              "resize": FLAGS.resize}
+    mu, sigma = metrics.mean_cov(feats["pool3"])
+    result["fid"] = metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    if FLAGS.sfid and ref.mu_spatial is not None:
+        mu_s, sigma_s = metrics.mean_cov(feats["spatial"])
+        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref.mu_spatial, ref.sigma_spatial)
+    if FLAGS["is"].value:
+        result["inception_score"], result["inception_score_std"] = metrics.inception_score(
+            metrics.softmax(feats["logits"]), split_size=FLAGS.is_split_size)
+    if FLAGS.pr:
+        if ref.features is None:
+            raise UsageError(f"--pr needs reference features, but {FLAGS.ref} holds only mu/sigma statistics")
+        result["precision"], result["recall"] = metrics.precision_recall(ref.features, feats["pool3"], k=3)
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        if key in result:
+            print(f"{key:>16}: {result[key]:.4f}")
+    _write_json(FLAGS.out, result)
+    return result
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+        got = f" (got {argv[1]!r})" if len(argv) >= 2 else ""
+        raise UsageError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)}{got}")
+    if len(argv) > 2:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
+    {"forgetting": forgetting_main, "train-classifier": train_classifier_main, "fid": fid_main}[argv[1]]()
+
+
+def cli():
+    run(main, "sfd_jax.evaluate")
+
+
+if __name__ == "__main__":
+    cli()

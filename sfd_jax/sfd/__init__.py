@@ -1,0 +1,1 @@
+"""SFD / SiD training: states, the DDPM task rules and the pure train steps."""

@@ -1,0 +1,73 @@
+r"""Training entry point for both modes: DDPM pretraining and SFD/SiD distillation.
+
+  python -m sfd_jax.train --config=configs/cifar10_sfd.py --workdir=runs/sfd \
+      --config.init_checkpoint=ckpt.pth --config.distill.label_to_forget=3
+
+A ``--workdir`` that already holds checkpoints of the same recipe resumes from the newest one; per-step
+randomness is ``fold_in(key(seed), step)``, so the resumed run reproduces the uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.cli_utils import UsageError, run
+
+config_flags.DEFINE_config_file("config", None, "Recipe config (configs/<recipe>.py) with --config.x.y overrides.",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Output root: checkpoints/, metrics.jsonl, tb/, samples/, config.json.")
+flags.DEFINE_integer("sigterm_at_step", None, "Testing aid: send SIGTERM to this process after this many steps.")
+FLAGS = flags.FLAGS
+
+MODES = ("pretrain", "sfd")
+
+
+def validate_config(config) -> None:
+    """Fail early, with one line, on settings that cannot run."""
+    if config.get("mode") not in MODES:
+        raise UsageError(f"config.mode must be one of {', '.join(MODES)}, got {config.get('mode')!r}")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    t = config.training
+    if t.batch_size < 1 or t.n_iters < 1 or t.snapshot_freq < 1 or t.log_freq < 1:
+        raise UsageError("training.batch_size, n_iters, snapshot_freq and log_freq must be >= 1")
+    if config.mode == "sfd":
+        from sfd_jax.sfd.ddpm_task import DDPMTask
+        try:
+            DDPMTask.from_config(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if not config.init_checkpoint:
+            raise UsageError("config.init_checkpoint is empty: SFD starts from a pretrained (or stage-1) checkpoint")
+        if not os.path.exists(config.init_checkpoint):
+            raise FileNotFoundError(f"config.init_checkpoint {config.init_checkpoint!r} does not exist")
+
+
+def train_and_evaluate(config, workdir: str, *, sigterm_at_step: int | None = None):
+    """Run (or resume) training in ``workdir``; returns the final state. Everything testable lives below here."""
+    from sfd_jax.train_loop import Trainer  # heavy imports only once the flags are parsed
+    validate_config(config)
+    trainer = Trainer(config, workdir)
+    return trainer.run(sigterm_at_step=sigterm_at_step)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise UsageError("--config is required (configs/<recipe>.py)")
+    if not FLAGS.workdir:
+        raise UsageError("--workdir is required")
+    from sfd_jax import parallel
+    parallel.maybe_initialize_distributed()
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, sigterm_at_step=FLAGS.sigterm_at_step)
+
+
+def cli():
+    run(main, "sfd_jax.train")
+
+
+if __name__ == "__main__":
+    cli()

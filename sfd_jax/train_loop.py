@@ -1,0 +1,268 @@
+"""The host loop behind ``python -m sfd_jax.train``: state creation/restore, the jitted step, logging, checkpoints,
+sample grids and preemption. The math lives in :mod:`sfd_jax.sfd.step`; this file only drives it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from sfd_jax import diffusion, parallel
+from sfd_jax.checkpoint import Checkpointer, abstract_like, config_from_json
+from sfd_jax.cli_utils import UsageError
+from sfd_jax.models.ddpm_unet import ConditionalUNet
+from sfd_jax.sfd.state import (PretrainState, SFDState, make_optimizer, state_from_items, state_items)
+from sfd_jax.train_log import MetricsLogger
+
+
+def early_stage_steps(snapshot_freq: int, n_intervals: int) -> set[int]:
+    """The original's extra snapshots: exp(linspace(log(sf)//k, log(sf), k)) as int64, last dropped.
+
+    With sf=5000, k=15: {1, 3, 6, 11, 20, 38, 70, 129, 238, 438, 805, 1480, 2721} completed steps (the original
+    names them ckpt-{completed−1}).
+    """
+    if n_intervals <= 0:
+        return set()
+    lg = np.log(snapshot_freq)
+    return {int(v) for v in np.exp(np.linspace(lg // n_intervals, lg, n_intervals)).astype(np.int64)[:-1]}
+
+
+class Trainer:
+    """One training run in ``workdir`` (created or resumed)."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.mode = config.mode
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.mesh_from_config(config)
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.min_size = parallel.fsdp_min_size(config)
+        self.repl = parallel.replicated(self.mesh)
+        B = int(config.training.batch_size)
+        if B % parallel.batch_divisor(self.mesh):
+            raise UsageError(f"training.batch_size={B} is not divisible by the {parallel.batch_divisor(self.mesh)} "
+                             "batch shards of the mesh")
+        self.model = ConditionalUNet.from_config(config)
+        _, self.alphas_cumprod = diffusion.schedule_from_config(config)
+        self.root_key = jax.random.key(int(config.seed))
+        self._check_workdir()
+        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                 max_to_keep=int(config.training.max_to_keep) or None,
+                                 async_save=bool(config.training.async_checkpoints))
+
+    # ------------------------------------------------------------------------------------------- workdir
+    def _check_workdir(self) -> None:
+        """A workdir of another recipe is refused before anything is written."""
+        path = os.path.join(self.workdir, "config.json")
+        if os.path.exists(path):
+            saved = config_from_json(json.load(open(path)))
+            for key in ("mode", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
+                        "model.in_channels", "model.out_ch", "model.resamp_with_conv", "data.image_size",
+                        "data.n_classes"):
+                a, b = _get(saved, key), _get(self.config, key)
+                if json.dumps(_plain(a), sort_keys=True) != json.dumps(_plain(b), sort_keys=True):
+                    raise UsageError(f"workdir {self.workdir} holds a run with a different {key} "
+                                     f"({_plain(a)} vs {_plain(b)}); use a new --workdir")
+        if self.is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(self.config.to_json(indent=2))
+
+    # --------------------------------------------------------------------------------------------- state
+    def _param_shardings(self):
+        shapes = jax.eval_shape(lambda: self.model.init_params(jax.random.key(0)))
+        return shapes, parallel.state_shardings(shapes, self.mesh, self.min_size)
+
+    def _put(self, tree, shardings):
+        return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+    def _opt_init(self, tx, params, shardings):
+        abstract = jax.eval_shape(tx.init, params)
+        opt_sh = parallel.state_shardings(abstract, self.mesh, self.min_size)
+        return jax.jit(tx.init, in_shardings=(shardings,), out_shardings=opt_sh)(params), opt_sh
+
+    def build(self):
+        """(state, state_shardings, teacher, teacher_shardings, txs). Fresh, from init_checkpoint, or resumed."""
+        c = self.config
+        shapes, p_sh = self._param_shardings()
+        if self.mode == "sfd":
+            from sfd_jax.sfd.init import init_sfd_networks
+            g_tx, sg_tx = make_optimizer(c.g_optim, "value"), make_optimizer(c.sg_optim, "value")
+            nets = init_sfd_networks(c)
+            teacher = self._put(nets["teacher"], p_sh)
+            resume = self.ckpt.latest_step()
+            if resume is None:
+                gen, fake = self._put(nets["generator"], p_sh), self._put(nets["fake_score"], p_sh)
+                g_opt, g_opt_sh = self._opt_init(g_tx, gen, p_sh)
+                sg_opt, sg_opt_sh = self._opt_init(sg_tx, fake, p_sh)
+                state = SFDState(step=jax.device_put(jnp.int32(0), self.repl), generator=gen, generator_ema=self._put(nets["generator_ema"], p_sh),
+                                 fake_score=fake, g_opt=g_opt, sg_opt=sg_opt)
+            sh = SFDState(step=self.repl, generator=p_sh, generator_ema=p_sh, fake_score=p_sh,
+                          g_opt=parallel.state_shardings(jax.eval_shape(g_tx.init, shapes), self.mesh, self.min_size),
+                          sg_opt=parallel.state_shardings(jax.eval_shape(sg_tx.init, shapes), self.mesh, self.min_size))
+            abstract = SFDState(step=jax.ShapeDtypeStruct((), jnp.int32), generator=shapes, generator_ema=shapes,
+                                fake_score=shapes, g_opt=jax.eval_shape(g_tx.init, shapes),
+                                sg_opt=jax.eval_shape(sg_tx.init, shapes))
+            txs = (g_tx, sg_tx)
+        else:
+            tx = make_optimizer(c.optim, "global_norm")
+            teacher, resume = None, self.ckpt.latest_step()
+            if resume is None:
+                init = jax.jit(self.model.init_params, out_shardings=p_sh)
+                params = init(jax.random.fold_in(self.root_key, 0x1417))
+                opt, _ = self._opt_init(tx, params, p_sh)
+                state = PretrainState(step=jax.device_put(jnp.int32(0), self.repl), params=params,
+                                      ema=jax.tree_util.tree_map(jnp.copy, params), opt=opt)
+            opt_abs = jax.eval_shape(tx.init, shapes)
+            sh = PretrainState(step=self.repl, params=p_sh, ema=p_sh, opt=parallel.state_shardings(opt_abs, self.mesh, self.min_size))
+            abstract = PretrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, ema=shapes, opt=opt_abs)
+            txs = (tx,)
+        if resume is not None:
+            targets = {k: _with_shardings(v, s) for (k, v), s in
+                       zip(state_items(abstract).items(), state_items(sh).values())}
+            items = self.ckpt.restore(targets, resume)
+            state = state_from_items(self.mode, resume, items)
+            state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
+            logging.info("resumed from step %d", resume)
+        return state, sh, teacher, txs
+
+    # ---------------------------------------------------------------------------------------------- step
+    def make_step(self, sh, txs):
+        c = self.config
+        if self.mode == "sfd":
+            from sfd_jax.sfd.ddpm_task import DDPMTask
+            from sfd_jax.sfd.step import make_sfd_step
+            fn = make_sfd_step(self.model, c, DDPMTask.from_config(c), self.alphas_cumprod, *txs,
+                               batch_size=int(c.training.batch_size), batch_sharding=self.batch_sharding,
+                               fused=bool(c.distill.get("fused", True)))
+            return jax.jit(fn, in_shardings=(sh, sh.generator, self.repl), out_shardings=(sh, self.repl),
+                           donate_argnums=(0,))
+        from sfd_jax.sfd.step import make_pretrain_step
+        fn = make_pretrain_step(self.model, c, self.alphas_cumprod, txs[0], batch_sharding=self.batch_sharding)
+        return jax.jit(fn, in_shardings=(sh, self.batch_sharding, self.batch_sharding, self.repl),
+                       out_shardings=(sh, self.repl), donate_argnums=(0,))
+
+    # --------------------------------------------------------------------------------------------- grids
+    def _grid_sampler(self):
+        from sfd_jax.ddpm_weights import t_init_of
+        from sfd_jax.generate import DDPMSampler
+        s = self.config.sampling
+        if self.mode == "sfd":
+            return DDPMSampler(self.model, self.alphas_cumprod, sampler="one_step", t_init=t_init_of(self.config),
+                               mesh=self.mesh)
+        return DDPMSampler(self.model, self.alphas_cumprod, sampler=s.grid_sampler, t_init=t_init_of(self.config),
+                           steps=int(s.grid_steps), eta=0.0, cond_scale=float(s.grid_cond_scale), mesh=self.mesh)
+
+    def save_grids(self, sampler, state, step: int) -> None:
+        """Grids of the EMA and raw networks, one row per class (§1.5 F), from the same noise every snapshot."""
+        from sfd_jax.generate import generate
+        from sfd_jax.images import save_grid
+        n_cls = int(self.config.data.n_classes)
+        per = max(1, int(self.config.training.visualization_samples) // n_cls)
+        labels = np.repeat(np.arange(n_cls), per)
+        res, ch = self.config.data.image_size, self.config.model.in_channels
+        nets = ({"ema": state.generator_ema, "raw": state.generator} if self.mode == "sfd"
+                else {"ema": state.ema, "raw": state.params})
+        out_dir = os.path.join(self.workdir, "samples")
+        for name, params in nets.items():
+            imgs = generate(sampler, params, labels, image_shape=(res, res, ch),
+                            batch_size=int(self.config.sampling.batch_size), seed=int(self.config.seed),
+                            progress=False)
+            if self.is_main:
+                os.makedirs(out_dir, exist_ok=True)
+                fname = f"sample-ema-{step}.png" if name == "ema" else f"sample-{step}.png"
+                save_grid(imgs, os.path.join(out_dir, fname), nrow=per)
+
+    # ----------------------------------------------------------------------------------------------- run
+    def run(self, sigterm_at_step: int | None = None):
+        c = self.config
+        state, sh, teacher, txs = self.build()
+        step_fn = self.make_step(sh, txs)
+        n_iters, B = int(c.training.n_iters), int(c.training.batch_size)
+        snap, log_freq = int(c.training.snapshot_freq), int(c.training.log_freq)
+        extra = early_stage_steps(snap, int(c.training.get("early_stage_n_intervals", 0)))
+        start = int(jax.device_get(state.step))
+        sampler = self._grid_sampler()
+        lrs = ({"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)} if self.mode == "sfd"
+               else {"lr": float(c.optim.lr)})
+        logger = MetricsLogger(self.workdir, enabled=self.is_main)
+        stop = {"flag": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        batches = self._batches(start) if self.mode == "pretrain" else None
+        meta = {"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)}
+        if start == 0 and self.is_main:
+            self.save_grids(sampler, state, 0)
+        bar = tqdm(total=n_iters, initial=start, desc=f"{self.mode}", unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        pending, t_last, steps_since = [], time.perf_counter(), 0
+        step = start
+        try:
+            while step < n_iters:
+                if self.mode == "sfd":
+                    state, metrics = step_fn(state, teacher, self.root_key)
+                else:
+                    images, labels = next(batches)
+                    state, metrics = step_fn(state, images, labels, self.root_key)
+                step += 1
+                steps_since += 1
+                pending.append(metrics)
+                if sigterm_at_step is not None and step == sigterm_at_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if step % log_freq == 0 or step == n_iters or stop["flag"]:
+                    avg = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
+                    dt = time.perf_counter() - t_last
+                    avg["images_per_s"] = steps_since * B / max(dt, 1e-9)
+                    logger.write(step, {**avg, **lrs})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if not k.startswith("lr")}, refresh=False)
+                    pending, t_last, steps_since = [], time.perf_counter(), 0
+                bar.update(1)
+                if step % snap == 0 or step in extra or step == n_iters or stop["flag"]:
+                    self.ckpt.save(step, state_items(state), config=c, meta={**meta, "step": step})
+                    if step % snap == 0 or step == n_iters:
+                        self.save_grids(sampler, state, step)
+                if stop["flag"]:
+                    logging.warning("SIGTERM: saved step %d, stopping", step)
+                    break
+        finally:
+            bar.close()
+            self.ckpt.wait()
+            self.ckpt.close()
+            logger.close()
+            signal.signal(signal.SIGTERM, previous)
+            if batches is not None:
+                batches.close()
+        return state
+
+    def _batches(self, start: int):
+        from sfd_jax.data import BatchStream, dataset_from_config, device_put_fn, prefetch
+        try:
+            ds = dataset_from_config(self.config)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        stream = BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        return prefetch(stream.iterate(start), size=2, to_device=device_put_fn(self.batch_sharding))
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
+
+
+def _plain(v):
+    if hasattr(v, "to_dict"):
+        v = v.to_dict()
+    return json.loads(json.dumps(v, default=str))
