@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 from absl import flags
@@ -85,6 +84,8 @@ flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "sfd_jax", "fid_sta
                     "fid: where reference statistics are cached (keyed by content hash; '' = no cache).")
 flags.DEFINE_string("resize", "pytorch_fid", "fid: 299-px resize: pytorch_fid (bilinear, align_corners=False) | "
                     "tf1 (the TF graph's legacy bilinear, as the original's evaluator).")
+flags.DEFINE_string("fid_method", "sqrtm", "fid: sqrtm (scipy, pytorch-fid's and the original's) | eigh (same "
+                    "value via two symmetric eigendecompositions, 2-4x faster).")
 flags.DEFINE_integer("is_split_size", 5000, "fid: Inception Score split size (the original's evaluator: 5000).")
 # common
 flags.DEFINE_string("out", None, "forgetting/fid: JSON output file; train-classifier: output directory.")
@@ -295,6 +296,8 @@ def fid_main() -> dict:
         raise UsageError(f"--inception is required: {INCEPTION_HELP}")
     if not os.path.isfile(FLAGS.inception):
         raise UsageError(f"Inception weights {FLAGS.inception!r} not found: {INCEPTION_HELP}")
+    if FLAGS.fid_method not in ("sqrtm", "eigh"):
+        raise UsageError(f"--fid_method must be sqrtm or eigh, got {FLAGS.fid_method!r}")
     if FLAGS.resize not in ("pytorch_fid", "tf1"):
         raise UsageError(f"--resize must be pytorch_fid or tf1, got {FLAGS.resize!r}")
     if not os.path.exists(FLAGS.samples):
@@ -317,10 +320,11 @@ def fid_main() -> dict:
     result = {"n_samples": int(len(samples.images)), "n_ref": ref.n, "samples": FLAGS.samples, "ref": FLAGS.ref,
               "resize": FLAGS.resize}
     mu, sigma = metrics.mean_cov(feats["pool3"])
-    result["fid"] = metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    result["fid"] = metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma, method=FLAGS.fid_method)
     if FLAGS.sfid and ref.mu_spatial is not None:
         mu_s, sigma_s = metrics.mean_cov(feats["spatial"])
-        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref.mu_spatial, ref.sigma_spatial)
+        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref.mu_spatial, ref.sigma_spatial,
+                                                  method=FLAGS.fid_method)
     if FLAGS["is"].value:
         result["inception_score"], result["inception_score_std"] = metrics.inception_score(
             metrics.softmax(feats["logits"]), split_size=FLAGS.is_split_size)

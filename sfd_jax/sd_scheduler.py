@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfd_jax.diffusion import alphas_cumprod_from_betas
-from sfd_jax.models.hf_config import parse_config
+from sfd_jax.models.hf_config import UnsupportedConfigError, parse_config
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -76,11 +76,13 @@ class SDSchedule:
                               informational=cls.INFORMATIONAL)
         out = cls(**kwargs)
         if out.beta_schedule not in ("scaled_linear", "linear"):
-            raise ValueError(f"{what}: unsupported beta_schedule {out.beta_schedule!r} (scaled_linear or linear)")
+            raise UnsupportedConfigError(
+                f"{what}: unsupported config key 'beta_schedule' = {out.beta_schedule!r} (scaled_linear or linear)")
         if out.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{what}: unsupported prediction_type {out.prediction_type!r}")
+            raise UnsupportedConfigError(f"{what}: unsupported config key 'prediction_type' = {out.prediction_type!r}")
         if out.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"{what}: unsupported timestep_spacing {out.timestep_spacing!r}")
+            raise UnsupportedConfigError(
+                f"{what}: unsupported config key 'timestep_spacing' = {out.timestep_spacing!r}")
         return out
 
     @property
@@ -168,7 +170,6 @@ def ddim_step(model_output: jax.Array, t, t_prev, x_t: jax.Array, alphas_cumprod
 
     ``t_prev < 0`` uses ``final_alpha_cumprod``. No clipping or thresholding.
     """
-    a_t = _abar(alphas_cumprod, t)
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
     t_prev = jnp.asarray(t_prev)
     a_prev = jnp.where(t_prev >= 0, ac[jnp.maximum(t_prev, 0)], jnp.float32(final_alpha_cumprod))

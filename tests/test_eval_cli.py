@@ -5,7 +5,6 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
 from sfd_jax.eval.classifier_train import save_classifier
 from sfd_jax.models.classifier import ClassifierConfig, init_variables
@@ -59,12 +58,12 @@ def test_train_classifier_then_forgetting_on_a_sample_npz(tmp_path):
     assert r["forgotten"]["normalisation"] == "per_class" and r["forgotten"]["n"] == int((test.labels == 3).sum())
 
 
-def test_forgetting_samples_the_generator_on_the_fly(tmp_path):
+def test_forgetting_samples_the_generator_on_the_fly_sharded_over_4_devices(tmp_path):
     ckpt = _digits_generator_checkpoint(tmp_path / "run")
     clf = _untrained_classifier(tmp_path / "clf")
     res = tmp_path / "ua.json"
     run_cli(MOD, "forgetting", f"--checkpoint={ckpt}", f"--classifier={clf}", "--n_per_class=3",
-            "--original_normalisation", f"--out={res}", "--progress=false", check=True)
+            "--original_normalisation", f"--out={res}", "--progress=false", devices=4, check=True)
     r = json.loads(res.read_text())
     assert r["forget_class"] == 2                       # from the checkpoint's distill.label_to_forget
     assert r["n_images"] == 30 and r["forgotten"]["normalisation"] == "all_images"

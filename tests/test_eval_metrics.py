@@ -31,6 +31,7 @@ def test_fid_matches_closed_form_for_gaussians_with_known_statistics():
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     expected = _closed_form_fid_diag(mu1, a, mu2, b)
     assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
 
 
@@ -43,6 +44,7 @@ def test_fid_matches_an_independent_computation_for_non_commuting_covariances():
     np.testing.assert_allclose(s1, np.cov(x1, rowvar=False))
     ours = metrics.frechet_distance(mu1, s1, mu2, s2)
     assert ours == pytest.approx(_fid_by_eigh(mu1, s1, mu2, s2), rel=1e-7)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(ours, rel=1e-7)
     # and the textbook scipy formula
     ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
     assert ours == pytest.approx(ref, rel=1e-9)
@@ -68,6 +70,7 @@ def test_fid_survives_singular_covariances_with_the_eps_offset():
     fid = metrics.frechet_distance(mu1, s1, mu2, s2)
     assert np.isfinite(fid)
     assert fid == pytest.approx(_fid_by_eigh(mu1, s1, mu2, s2), rel=1e-3)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(fid, rel=1e-3)
 
 
 def test_fid_rejects_mismatched_dimensions():
@@ -138,3 +141,19 @@ def test_reference_statistics_round_trip_through_the_npz_cache(tmp_path):
     np.testing.assert_allclose(back.mu, feats["pool3"].mean(0))
     np.testing.assert_allclose(back.sigma_spatial, np.cov(feats["spatial"], rowvar=False))
     assert back.n == 30 and back.features.shape == (30, 6)
+
+
+def test_resize_weights_pytorch_and_tf1_legacy():
+    from sfd_jax.eval.inception import _interp_matrix, preprocess
+
+    # pytorch align_corners=False, 2 -> 4: src = (dst + 0.5) / 2 - 0.5 = [-0.25 -> 0, 0.25, 0.75, 1.25 -> clamp]
+    np.testing.assert_allclose(_interp_matrix(2, 4, "pytorch_fid"),
+                               [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    # TF1 legacy (no half-pixel centres): src = dst * in / out = [0, 0.5, 1, 1.5]
+    np.testing.assert_allclose(_interp_matrix(2, 4, "tf1"), [[1, 0], [0.5, 0.5], [0, 1], [0, 1]])
+    x = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1) * np.ones((1, 299, 1, 1), np.uint8)
+    x = np.repeat(x, 100, axis=2)[:, :, :299]
+    tf1 = np.asarray(preprocess(x, "tf1"))
+    np.testing.assert_allclose(tf1[0, 0, 0], [-1.0] * 3)                  # (0 - 128) / 128, grey -> RGB
+    np.testing.assert_allclose(np.asarray(preprocess(x))[0, 0, 0], [-1.0] * 3)
+    np.testing.assert_allclose(np.asarray(preprocess(x))[0, 0, -1], [1.0] * 3)  # 2 * 255/255 - 1

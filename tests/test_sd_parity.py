@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.sd_testutil import make_pipeline, max_err, nchw, nhwc
+from tests.sd_testutil import make_pipeline, max_err, nchw
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

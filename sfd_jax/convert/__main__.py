@@ -22,8 +22,9 @@ from sfd_jax.cli_utils import UsageError, run
 
 config_flags.DEFINE_config_file("config", None, "Recipe config describing the architecture (configs/<recipe>.py).",
                                 lock_config=False)
-flags.DEFINE_string("src", None, "ddpm: the original .pth file.")
-flags.DEFINE_string("checkpoint", None, "ddpm-to-pth: our checkpoint directory.")
+flags.DEFINE_string("src", None, "ddpm: the original .pth file; import-diffusers: a UNet or pipeline folder; "
+                    "sid-lsg: the generator .pkl.")
+flags.DEFINE_string("checkpoint", None, "ddpm-to-pth, export-diffusers: our checkpoint directory.")
 flags.DEFINE_string("out", None, "Output: a directory (ddpm) or a .pth file (ddpm-to-pth).")
 flags.DEFINE_string("base", None, "export-diffusers: the SD pipeline folder that supplies config and other components.")
 flags.DEFINE_bool("trust-pickle", False, "sid-lsg: allow unpickling --src (runs code from the file).")

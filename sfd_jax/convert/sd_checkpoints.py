@@ -2,7 +2,8 @@
 
 - :func:`export_diffusers`: our checkpoint's generator -> a complete diffusers pipeline folder (the UNet as
   ``unet/diffusion_pytorch_model.safetensors`` + ``config.json``; every other component copied from the base
-  pipeline), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and by :func:`sfd_jax.sd.load_components`.
+  pipeline), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and by
+  :func:`sfd_jax.sd.load_components`.
 - :func:`import_diffusers_unet`: any diffusers UNet folder (or a pipeline's ``unet/``) -> our checkpoint.
 - :func:`import_sid_lsg`: the SiD-LSG generator pickle (``batch512_cfg4.54.54.5_t625_8380_v2.pkl``, whose
   ``"ema"`` entry is a pickled diffusers UNet module) -> our checkpoint. Unpickling runs code from the file, so

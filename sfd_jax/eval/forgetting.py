@@ -86,7 +86,8 @@ def format_table(result: dict) -> str:
     lines = [f"{'class':>6} {'n':>6} {'accuracy':>9} {'mean_prob':>10} {'entropy':>8}"]
     for c, v in sorted(result["per_class"].items(), key=lambda kv: int(kv[0])):
         mark = "  <- forgotten" if kf is not None and int(c) == kf else ""
-        lines.append(f"{c:>6} {v['n']:>6} {v['accuracy']:>9.4f} {v['mean_prob']:>10.4f} {v['mean_entropy']:>8.4f}{mark}")
+        lines.append(f"{c:>6} {v['n']:>6} {v['accuracy']:>9.4f} {v['mean_prob']:>10.4f} "
+                     f"{v['mean_entropy']:>8.4f}{mark}")
     if kf is not None:
         f = result["forgotten"]
         if result.get("mean_accuracy_remaining") is not None:

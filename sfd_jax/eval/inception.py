@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import struct
-import sys
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -413,8 +412,8 @@ class InceptionExtractor:
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.resize = resize
         self.fingerprint = f"{fingerprint}:{resize}:bias={logits_bias}"
-        mult = parallel.batch_divisor(self.mesh)
-        self.batch_size = max(mult, -(-batch_size // mult) * mult)
+        self._mult = parallel.batch_divisor(self.mesh)
+        self.batch_size = max(self._mult, -(-batch_size // self._mult) * self._mult)
         model = FIDInceptionV3(logits_bias)
         repl, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = jax.device_put(variables, repl)
@@ -436,7 +435,8 @@ class InceptionExtractor:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f"expected images [N, H, W, 1|3], got {images.shape}")
-        n, bs = len(images), self.batch_size
+        n = len(images)
+        bs = min(self.batch_size, max(self._mult, -(-n // self._mult) * self._mult))   # small sets: no big pad
         keys = ("pool3", "spatial") + (("logits",) if logits else ())
         out: dict[str, list] = {k: [] for k in keys}
         for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress or n <= bs, leave=False):

@@ -41,13 +41,27 @@ def mean_cov(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), with pytorch-fid's safeguards."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    method 'sqrtm' (default): pytorch-fid's computation with ``scipy.linalg.sqrtm`` and its safeguards (module
+    docstring). method 'eigh': tr sqrt(S1 S2) = sum of square roots of the eigenvalues of the symmetric PSD matrix
+    S1^1/2 S2 S1^1/2 (two ``eigh`` calls, about 2-4x faster at 2048-d, no eps needed; agrees with 'sqrtm' to
+    ~1e-6 relative on well-conditioned statistics).
+    """
+    if method not in ("sqrtm", "eigh"):
+        raise ValueError(f"unknown FID method {method!r}; expected sqrtm or eigh")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics have different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        w, v = np.linalg.eigh(sigma1)
+        root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        m = root1 @ sigma2 @ root1
+        tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2.0), 0.0, None)))
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # scipy warns on singular products; handled below
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -90,7 +104,7 @@ def inception_score(probs: np.ndarray, split_size: int | None = 5000, n_splits: 
 
 
 # ------------------------------------------------------------------------------------ precision / recall
-@functools.partial(jax.jit, static_argnums=())
+@jax.jit
 def _sq_dists(a: jax.Array, b: jax.Array) -> jax.Array:
     hp = jax.lax.Precision.HIGHEST
     aa = jnp.sum(a * a, axis=1)[:, None]

@@ -97,7 +97,7 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 stride-2 conv; ``pad_before=False`` is the VAE's variant (pad bottom/right by one, then no padding)."""
+    """3x3 stride-2 conv (padding 1); ``vae_padding`` is the VAE's variant (pad bottom/right by one, no padding)."""
     out_channels: int
     vae_padding: bool = False
     dtype: Dtype = jnp.float32

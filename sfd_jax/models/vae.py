@@ -170,7 +170,8 @@ class AutoencoderKL(nn.Module):
         for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             for name in fields.get(key, ()):
                 if name != want:
-                    raise UnsupportedConfigError(f"{what}: unsupported block type {name!r} in {key} (sfd_jax implements {want})")
+                    raise UnsupportedConfigError(
+                        f"{what}: unsupported block type {name!r} in {key} (sfd_jax implements {want})")
         return cls(**fields, **kwargs)
 
     def setup(self):

@@ -41,8 +41,12 @@ def load_all_networks(path: str, config) -> tuple[str, dict]:
     names = [n for n in ckpt.items(step) if n in NETWORKS]
     for name in names:
         check_params(ckpt.item_shapes(name, step), expected, what=f"init_checkpoint item {name!r}")
-    nets = ckpt.restore({n: expected for n in names}, step)
-    nets = {k: jax.tree_util.tree_map(np.asarray, v) for k, v in nets.items()}
+    # Restore replicated over every device of every process, then keep this process's local copy.
+    from sfd_jax import parallel
+    from sfd_jax.checkpoint import abstract_like
+    target = abstract_like(expected, parallel.replicated(parallel.make_mesh()))
+    nets = ckpt.restore({n: target for n in names}, step)
+    nets = {k: jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), v) for k, v in nets.items()}
     kind = "distilled" if "generator" in nets or "generator_ema" in nets else "pretrained"
     return kind, nets
 
