@@ -33,7 +33,12 @@ def validate_config(config) -> None:
     t = config.training
     if t.batch_size < 1 or t.n_iters < 1 or t.snapshot_freq < 1 or t.log_freq < 1:
         raise UsageError("training.batch_size, n_iters, snapshot_freq and log_freq must be >= 1")
+    if config.mode == "pretrain" and "optim" not in config:
+        raise UsageError("config has no optim section: pretraining needs a *_train.py recipe (e.g. configs/cifar10_train.py)")
     if config.mode == "sfd":
+        for section in ("distill", "g_optim", "sg_optim"):
+            if section not in config:
+                raise UsageError(f"config has no {section} section: SFD needs a distillation recipe (e.g. configs/cifar10_sfd.py)")
         from sfd_jax.sfd.ddpm_task import DDPMTask
         try:
             DDPMTask.from_config(config)

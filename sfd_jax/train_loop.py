@@ -53,13 +53,24 @@ class Trainer:
         _, self.alphas_cumprod = diffusion.schedule_from_config(config)
         self.root_key = jax.random.key(int(config.seed))
         self._check_workdir()
-        self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                 max_to_keep=int(config.training.max_to_keep) or None,
-                                 async_save=bool(config.training.async_checkpoints))
+        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        self.ckpt = None  # created once the run is known to start: a failed start writes nothing
+
+    def _open_checkpointer(self) -> Checkpointer:
+        if self.ckpt is None:
+            c = self.config.training
+            self.ckpt = Checkpointer(self.ckpt_dir, max_to_keep=int(c.max_to_keep) or None,
+                                     async_save=bool(c.async_checkpoints))
+        return self.ckpt
+
+    def latest_step(self) -> int | None:
+        if not os.path.isdir(self.ckpt_dir) or not any(n.isdigit() for n in os.listdir(self.ckpt_dir)):
+            return None
+        return self._open_checkpointer().latest_step()
 
     # ------------------------------------------------------------------------------------------- workdir
     def _check_workdir(self) -> None:
-        """A workdir of another recipe is refused before anything is written."""
+        """A workdir of another recipe is refused before anything is written (:meth:`write_config` writes)."""
         path = os.path.join(self.workdir, "config.json")
         if os.path.exists(path):
             saved = config_from_json(json.load(open(path)))
@@ -70,9 +81,11 @@ class Trainer:
                 if json.dumps(_plain(a), sort_keys=True) != json.dumps(_plain(b), sort_keys=True):
                     raise UsageError(f"workdir {self.workdir} holds a run with a different {key} "
                                      f"({_plain(a)} vs {_plain(b)}); use a new --workdir")
+
+    def write_config(self) -> None:
         if self.is_main:
             os.makedirs(self.workdir, exist_ok=True)
-            with open(path, "w") as f:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json(indent=2))
 
     # --------------------------------------------------------------------------------------------- state
@@ -97,7 +110,7 @@ class Trainer:
             g_tx, sg_tx = make_optimizer(c.g_optim, "value"), make_optimizer(c.sg_optim, "value")
             nets = init_sfd_networks(c)
             teacher = self._put(nets["teacher"], p_sh)
-            resume = self.ckpt.latest_step()
+            resume = self.latest_step()
             if resume is None:
                 gen, fake = self._put(nets["generator"], p_sh), self._put(nets["fake_score"], p_sh)
                 g_opt, g_opt_sh = self._opt_init(g_tx, gen, p_sh)
@@ -113,7 +126,7 @@ class Trainer:
             txs = (g_tx, sg_tx)
         else:
             tx = make_optimizer(c.optim, "global_norm")
-            teacher, resume = None, self.ckpt.latest_step()
+            teacher, resume = None, self.latest_step()
             if resume is None:
                 init = jax.jit(self.model.init_params, out_shardings=p_sh)
                 params = init(jax.random.fold_in(self.root_key, 0x1417))
@@ -127,7 +140,7 @@ class Trainer:
         if resume is not None:
             targets = {k: _with_shardings(v, s) for (k, v), s in
                        zip(state_items(abstract).items(), state_items(sh).values())}
-            items = self.ckpt.restore(targets, resume)
+            items = self._open_checkpointer().restore(targets, resume)
             state = state_from_items(self.mode, resume, items)
             state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
             logging.info("resumed from step %d", resume)
@@ -184,18 +197,20 @@ class Trainer:
     def run(self, sigterm_at_step: int | None = None):
         c = self.config
         state, sh, teacher, txs = self.build()
+        start = int(jax.device_get(state.step))
+        batches = self._batches(start) if self.mode == "pretrain" else None  # data errors before any write
+        self.write_config()
+        self._open_checkpointer()
         step_fn = self.make_step(sh, txs)
         n_iters, B = int(c.training.n_iters), int(c.training.batch_size)
         snap, log_freq = int(c.training.snapshot_freq), int(c.training.log_freq)
         extra = early_stage_steps(snap, int(c.training.get("early_stage_n_intervals", 0)))
-        start = int(jax.device_get(state.step))
         sampler = self._grid_sampler()
         lrs = ({"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)} if self.mode == "sfd"
                else {"lr": float(c.optim.lr)})
         logger = MetricsLogger(self.workdir, enabled=self.is_main)
         stop = {"flag": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-        batches = self._batches(start) if self.mode == "pretrain" else None
         meta = {"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)}
         if start == 0 and self.is_main:
             self.save_grids(sampler, state, 0)
