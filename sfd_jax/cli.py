@@ -9,6 +9,7 @@ COMMANDS = {
     "convert": ("sfd_jax.convert.__main__", "convert original .pth checkpoints to and from ours"),
     "sample_sd": ("sfd_jax.sample_sd", "sample a Stable Diffusion pipeline (DDIM + CFG) to PNGs"),
     "train": ("sfd_jax.train", "pretrain a DDPM or run SFD/SiD distillation"),
+    "bench": ("sfd_jax.bench", "time the jitted train step (images/s, FLOPs, MFU, memory)"),
     "demo": ("sfd_jax.demo", "the end-to-end demo"),
     "evaluate": ("sfd_jax.evaluate", "forgetting metrics, evaluation classifiers, FID/sFID/IS/precision/recall"),
 }

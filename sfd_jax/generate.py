@@ -17,10 +17,14 @@ from sfd_jax import diffusion, parallel
 
 
 class DDPMSampler:
-    """``sampler(params, noise [B,H,W,C], labels [B], rng) -> images [B,H,W,C]`` (data space, unclamped)."""
+    """``sampler(params, noise [B,H,W,C], labels [B], rng) -> images [B,H,W,C]`` (data space, unclamped).
+
+    ``param_shardings`` (a sharding or a pytree of them) says how ``params`` arrive; default replicated.
+    """
 
     def __init__(self, model, alphas_cumprod: np.ndarray, *, sampler: str, t_init: int, steps: int = 100,
-                 skip: str = "uniform", eta: float = 0.0, cond_scale: float = 0.0, mesh=None):
+                 skip: str = "uniform", eta: float = 0.0, cond_scale: float = 0.0, mesh=None,
+                 param_shardings=None):
         if sampler not in diffusion.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(diffusion.SAMPLERS)}")
         if sampler != "one_step":
@@ -35,7 +39,9 @@ class DDPMSampler:
                                          skip=skip, eta=eta)
 
         repl, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        self._run = jax.jit(run, in_shardings=(repl, batch, batch, repl), out_shardings=batch)
+        # Parameters: replicated by default; training passes its FSDP shardings so grids need no reshard.
+        p_sh = repl if param_shardings is None else param_shardings
+        self._run = jax.jit(run, in_shardings=(p_sh, batch, batch, repl), out_shardings=batch)
         self._noise = jax.jit(_per_sample_noise, static_argnums=(2,), in_shardings=(repl, batch),
                               out_shardings=batch)
 

@@ -68,8 +68,9 @@ def state_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
 
 
 def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when the environment asks for it (a coordinator address is set, or a
-    TPU VM / SLURM cluster that JAX detects itself). Call before any other JAX use."""
+    """``jax.distributed.initialize()`` when the environment asks for it: ``JAX_COORDINATOR_ADDRESS`` (with
+    ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``) is set, or ``SFD_DISTRIBUTED=1`` (a TPU VM slice or a SLURM job,
+    whose topology JAX detects itself); ``SFD_DISTRIBUTED=0`` disables it. Call before any other JAX use."""
     import os
     want = os.environ.get("SFD_DISTRIBUTED", "auto")
     has_coord = bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"))

@@ -163,15 +163,15 @@ class Trainer:
                        out_shardings=(sh, self.repl), donate_argnums=(0,))
 
     # --------------------------------------------------------------------------------------------- grids
-    def _grid_sampler(self):
+    def _grid_sampler(self, param_shardings):
         from sfd_jax.ddpm_weights import t_init_of
         from sfd_jax.generate import DDPMSampler
         s = self.config.sampling
+        kw = dict(t_init=t_init_of(self.config), mesh=self.mesh, param_shardings=param_shardings)
         if self.mode == "sfd":
-            return DDPMSampler(self.model, self.alphas_cumprod, sampler="one_step", t_init=t_init_of(self.config),
-                               mesh=self.mesh)
-        return DDPMSampler(self.model, self.alphas_cumprod, sampler=s.grid_sampler, t_init=t_init_of(self.config),
-                           steps=int(s.grid_steps), eta=0.0, cond_scale=float(s.grid_cond_scale), mesh=self.mesh)
+            return DDPMSampler(self.model, self.alphas_cumprod, sampler="one_step", **kw)
+        return DDPMSampler(self.model, self.alphas_cumprod, sampler=s.grid_sampler, steps=int(s.grid_steps), eta=0.0,
+                           cond_scale=float(s.grid_cond_scale), **kw)
 
     def save_grids(self, sampler, state, step: int) -> None:
         """Grids of the EMA and raw networks, one row per class (§1.5 F), from the same noise every snapshot."""
@@ -205,7 +205,7 @@ class Trainer:
         n_iters, B = int(c.training.n_iters), int(c.training.batch_size)
         snap, log_freq = int(c.training.snapshot_freq), int(c.training.log_freq)
         extra = early_stage_steps(snap, int(c.training.get("early_stage_n_intervals", 0)))
-        sampler = self._grid_sampler()
+        sampler = self._grid_sampler(sh.generator if self.mode == "sfd" else sh.params)
         lrs = ({"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)} if self.mode == "sfd"
                else {"lr": float(c.optim.lr)})
         logger = MetricsLogger(self.workdir, enabled=self.is_main)

@@ -1,0 +1,169 @@
+r"""Time the real jitted train step: images/s, ms/step, FLOPs per image (XLA cost analysis), MFU, memory.
+
+  python -m sfd_jax.bench --config=configs/cifar10_sfd.py --batch=8 --steps=3
+  python -m sfd_jax.bench --config=configs/cifar10_train.py --batch=128 --json --config.dtype=bfloat16
+
+Weights are random (no checkpoint or data needed); the step, shardings and donation are exactly the training
+ones. Timing starts after compilation and blocks on the results of every step. With ``--json`` the last line is
+one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from sfd_jax.cli_utils import UsageError, run
+
+config_flags.DEFINE_config_file("config", None, "Recipe config (configs/<recipe>.py) with --config.x.y overrides.",
+                                lock_config=False)
+flags.DEFINE_integer("batch", None, "Global batch size (default: the config's training.batch_size).")
+flags.DEFINE_integer("steps", 5, "Timed steps (after one compile + warm-up step).")
+flags.DEFINE_string("mode", None, "sfd | pretrain (default: config.mode).")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: from a table by device kind).")
+flags.DEFINE_bool("json", False, "Print the result as one JSON object on the last line.")
+FLAGS = flags.FLAGS
+
+# Dense peak TFLOP/s per device: (bf16, fp32). fp32 on NVIDIA counts TF32 tensor cores (XLA's default precision).
+PEAK_TFLOPS = {
+    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "L4": (121.0, 60.0),
+    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
+}
+
+
+def peak_for(device_kind: str, dtype: str) -> float | None:
+    for key, (bf16, fp32) in PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None = None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sfd_jax import parallel
+    from sfd_jax.sfd.state import PretrainState, SFDState, make_optimizer
+    from sfd_jax.train_loop import Trainer
+
+    config.mode = mode
+    config.training.batch_size = batch
+    import tempfile
+    tr = Trainer(config, tempfile.mkdtemp(prefix="sfd_bench_"))   # nothing is written to it
+    shapes, p_sh = tr._param_shardings()
+    init = jax.jit(tr.model.init_params, out_shardings=p_sh)
+    params = init(jax.random.key(0))
+    copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=p_sh)
+    step0 = jax.device_put(jnp.int32(0), tr.repl)
+    if mode == "sfd":
+        txs = (make_optimizer(config.g_optim, "value"), make_optimizer(config.sg_optim, "value"))
+        g_opt, g_sh = tr._opt_init(txs[0], params, p_sh)
+        sg_opt, sg_sh = tr._opt_init(txs[1], params, p_sh)
+        state = SFDState(step=step0, generator=copy(params), generator_ema=copy(params), fake_score=copy(params),
+                         g_opt=g_opt, sg_opt=sg_opt)
+        sh = SFDState(step=tr.repl, generator=p_sh, generator_ema=p_sh, fake_score=p_sh, g_opt=g_sh, sg_opt=sg_sh)
+        args = (params,)
+    else:
+        txs = (make_optimizer(config.optim, "global_norm"),)
+        opt, opt_sh = tr._opt_init(txs[0], params, p_sh)
+        state = PretrainState(step=step0, params=copy(params), ema=copy(params), opt=opt)
+        sh = PretrainState(step=tr.repl, params=p_sh, ema=p_sh, opt=opt_sh)
+        res, ch = config.data.image_size, config.model.in_channels
+        images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (batch, res, res, ch)).astype(np.float32),
+                                tr.batch_sharding)
+        labels = jax.device_put(np.arange(batch, dtype=np.int32) % config.data.n_classes, tr.batch_sharding)
+        args = (images, labels)
+    step_fn = tr.make_step(sh, txs)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, *args, tr.root_key).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    state, m = compiled(state, *args, tr.root_key)          # warm-up
+    jax.block_until_ready((state, m))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, *args, tr.root_key)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    dev = jax.devices()[0]
+    n_dev = jax.device_count()
+    peak = peak_tflops if peak_tflops is not None else peak_for(dev.device_kind, config.dtype)
+    achieved = flops / step_s if flops else None  # flops of the whole (global) step
+    stats = dev.memory_stats() or {}
+    out = {
+        "mode": mode, "batch": batch, "dtype": config.dtype, "devices": n_dev, "device_kind": dev.device_kind,
+        "mesh": dict(tr.mesh.shape), "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times),
+        "images_per_s": batch / step_s, "compile_s": compile_s,
+        "flops_per_image": flops / batch if flops else None,
+        "achieved_tflops": achieved / 1e12 if achieved else None,
+        "peak_tflops_per_device": peak,
+        "mfu": (achieved / (peak * 1e12 * n_dev)) if (achieved and peak) else None,
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "losses": {k: float(v) for k, v in m.items()},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    if out["peak_memory_bytes"] is None:   # CPU: no allocator statistics; report XLA's buffer plan instead
+        try:
+            ma = compiled.memory_analysis()
+            out["peak_memory_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
+                                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise UsageError("--config is required (configs/<recipe>.py)")
+    mode = FLAGS.mode or FLAGS.config.mode
+    if mode not in ("sfd", "pretrain"):
+        raise UsageError(f"--mode must be sfd or pretrain, got {mode!r}")
+    if mode == "pretrain" and "optim" not in FLAGS.config:
+        raise UsageError("pretrain mode needs a *_train.py config (it has no optim section)")
+    if mode == "sfd" and "distill" not in FLAGS.config:
+        raise UsageError("sfd mode needs a distillation config (it has no distill section)")
+    batch = FLAGS.batch or int(FLAGS.config.training.batch_size)
+    r = bench(FLAGS.config, mode, batch, FLAGS.steps, FLAGS.peak_tflops)
+    fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
+    print(f"{r['mode']} step, batch {batch}, {r['dtype']}, {r['devices']} x {r['device_kind']} (mesh {r['mesh']})")
+    print(f"  {r['step_ms']:.1f} ms/step (min {r['step_ms_min']:.1f}), {r['images_per_s']:.3f} images/s, "
+          f"compile {r['compile_s']:.1f} s")
+    print(f"  {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '{:.1f}')} GFLOP/image, "
+          f"{fmt(r['achieved_tflops'], '{:.3f}')} TFLOP/s achieved, MFU {fmt(r['mfu'], '{:.1%}')} "
+          f"(peak {fmt(r['peak_tflops_per_device'], '{:.0f}')} TFLOP/s/device)")
+    print(f"  peak device memory {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**30, '{:.2f}')} GiB, "
+          f"host RSS {r['host_peak_rss_bytes'] / 2**30:.2f} GiB")
+    if FLAGS.json:
+        print(json.dumps(r))
+    sys.stdout.flush()
+
+
+def cli():
+    run(main, "sfd_jax.bench")
+
+
+if __name__ == "__main__":
+    cli()
