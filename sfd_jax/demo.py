@@ -210,8 +210,9 @@ def sample_stage(name: str, out_path: str, ckpt_dir: str, weights: str, sampler_
     from sfd_jax.images import to_uint8
     from sfd_jax.models.ddpm_unet import ConditionalUNet
 
-    from sfd_jax.checkpoint import Checkpointer
-    step = Checkpointer(os.path.join(ckpt_dir, "checkpoints")).latest_step()
+    from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
+    directory, step = resolve_checkpoint_dir(ckpt_dir)
+    step = Checkpointer(directory).latest_step() if step is None else step
     key = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "weights": weights, "sampler": sampler_kw,
            "n_per_class": s.n_per_class, "seed": s.sample_seed}
     if log.done(name, key) and os.path.exists(out_path):

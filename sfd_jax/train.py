@@ -44,6 +44,13 @@ def validate_config(config) -> None:
             DDPMTask.from_config(config)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        d = config.distill
+        if d.get("label_to_override", None) is None and d.pseudo_label_type in ("amax", "prob"):
+            if not d.get("use_clf", False) or not d.get("clf_path", ""):
+                raise UsageError(f"distill.pseudo_label_type={d.pseudo_label_type!r} needs distill.use_clf=True and "
+                                 "distill.clf_path")
+            if not os.path.exists(d.clf_path):
+                raise FileNotFoundError(f"distill.clf_path {d.clf_path!r} does not exist")
         if not config.init_checkpoint:
             raise UsageError("config.init_checkpoint is empty: SFD starts from a pretrained (or stage-1) checkpoint")
         if not os.path.exists(config.init_checkpoint):

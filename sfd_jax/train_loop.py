@@ -152,15 +152,34 @@ class Trainer:
         if self.mode == "sfd":
             from sfd_jax.sfd.ddpm_task import DDPMTask
             from sfd_jax.sfd.step import make_sfd_step
-            fn = make_sfd_step(self.model, c, DDPMTask.from_config(c), self.alphas_cumprod, *txs,
+            task = DDPMTask.from_config(c)
+            fn = make_sfd_step(self.model, c, task, self.alphas_cumprod, *txs,
                                batch_size=int(c.training.batch_size), batch_sharding=self.batch_sharding,
-                               fused=bool(c.distill.get("fused", True)))
+                               fused=bool(c.distill.get("fused", True)),
+                               classifier_fn=self._classifier_fn() if task.uses_classifier else None)
             return jax.jit(fn, in_shardings=(sh, sh.generator, self.repl), out_shardings=(sh, self.repl),
                            donate_argnums=(0,))
         from sfd_jax.sfd.step import make_pretrain_step
         fn = make_pretrain_step(self.model, c, self.alphas_cumprod, txs[0], batch_sharding=self.batch_sharding)
         return jax.jit(fn, in_shardings=(sh, self.batch_sharding, self.batch_sharding, self.repl),
                        out_shardings=(sh, self.repl), donate_argnums=(0,))
+
+    def _classifier_fn(self):
+        """logits(x [B,H,W,C] in [-1,1]) of the evaluation classifier at ``distill.clf_path`` (our checkpoint or a
+        torchvision ResNet .pth), weights closed over (replicated), checked against the data's size and classes."""
+        from sfd_jax.eval.classifier_train import load_classifier
+        d, c = self.config.distill, self.config
+        if not d.get("use_clf", False) or not d.get("clf_path", ""):
+            raise UsageError(f"distill.pseudo_label_type={d.pseudo_label_type!r} needs distill.use_clf=True and "
+                             "distill.clf_path (train one with `python -m sfd_jax.evaluate train-classifier`)")
+        clf = load_classifier(d.clf_path, image_size=int(c.data.image_size))
+        if clf.config.n_classes != int(c.data.n_classes) or clf.config.image_size != int(c.data.image_size) \
+                or clf.config.channels != int(c.model.in_channels):
+            raise UsageError(f"classifier {d.clf_path} is for {clf.config.image_size}px x {clf.config.channels} "
+                             f"channels, {clf.config.n_classes} classes; the data is {c.data.image_size}px x "
+                             f"{c.model.in_channels}, {c.data.n_classes} classes")
+        model, variables = clf.model, jax.device_put(clf.variables, self.repl)
+        return lambda x: model.apply(variables, x, train=False).astype(jnp.float32)
 
     # --------------------------------------------------------------------------------------------- grids
     def _grid_sampler(self, param_shardings):

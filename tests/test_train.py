@@ -63,22 +63,43 @@ def test_task_labels_and_timesteps():
     assert np.asarray(warm.forget_timesteps(jax.random.key(4), 100, 10)).max() < 712
 
 
-def test_fused_and_separate_passes_give_the_same_losses():
-    cfg = load_config("tiny_test")
+def _micro():
+    """A very small model (8x8, one level, no attention): compiles in seconds."""
+    cfg = load_config("tiny_test", **{"model.ch_mult": (1,), "model.attn_resolutions": (), "data.image_size": 8})
     cfg.model.dropout = 0.0                   # dropout masks are the only draws that differ between the modes
     cfg.g_optim.eps = cfg.sg_optim.eps = 1e-4
     model = ConditionalUNet.from_config(cfg)
     p = model.init_params(jax.random.key(0))
-    _, ac = diffusion.schedule_from_config(cfg)
     g_tx, sg_tx = make_optimizer(cfg.g_optim, "value"), make_optimizer(cfg.sg_optim, "value")
     st = SFDState(step=jnp.int32(0), generator=p, generator_ema=p, fake_score=p, g_opt=g_tx.init(p),
                   sg_opt=sg_tx.init(p))
-    out = {}
-    for fused in (True, False):
-        step = jax.jit(make_sfd_step(model, cfg, DDPMTask.from_config(cfg), ac, g_tx, sg_tx, batch_size=4,
-                                     fused=fused))
-        _, m = step(st, p, jax.random.key(1))
-        out[fused] = {k: float(v) for k, v in m.items()}
+    return cfg, model, p, st, (g_tx, sg_tx)
+
+
+def _one_step(cfg, model, p, st, txs, **kw):
+    _, ac = diffusion.schedule_from_config(cfg)
+    step = jax.jit(make_sfd_step(model, cfg, DDPMTask.from_config(cfg), ac, *txs, batch_size=4, **kw))
+    _, m = step(st, p, jax.random.key(1))
+    return {k: float(v) for k, v in m.items()}
+
+
+def test_classifier_override_uses_the_classifiers_choice():
+    """'amax' with a classifier that prefers class 2 (and the forgotten class 0, which is masked) equals a fixed
+    label_to_override=2."""
+    cfg, model, p, st, txs = _micro()
+    cfg.distill.label_to_override = 2
+    fixed = _one_step(cfg, model, p, st, txs)
+    cfg.distill.label_to_override = None
+    cfg.distill.pseudo_label_type = "amax"
+    logits = jnp.array([9.0, 0.0, 5.0] + [1.0] * 7)
+    clf = _one_step(cfg, model, p, st, txs, classifier_fn=lambda x: jnp.broadcast_to(logits, (x.shape[0], 10)))
+    for k in fixed:
+        assert clf[k] == pytest.approx(fixed[k], rel=1e-6), k
+
+
+def test_fused_and_separate_passes_give_the_same_losses():
+    cfg, model, p, st, txs = _micro()
+    out = {fused: _one_step(cfg, model, p, st, txs, fused=fused) for fused in (True, False)}
     # The SiD loss multiplies differences of nearly equal network outputs, which amplifies fp32 rounding of the
     # different batch shapes; the fake-score losses are plain sums of squares.
     for k in out[True]:

@@ -16,7 +16,7 @@ class DDPMTask:
     n_classes: int
     label_to_forget: int          # -1: plain SiD (remain = all classes, no forget passes)
     label_to_override: int | None
-    pseudo_label_type: str        # used when label_to_override is None: 'rand'
+    pseudo_label_type: str        # when label_to_override is None: 'rand', or with a classifier 'amax' | 'prob'
     t_min: int
     t_max: int                    # exclusive, as torch.randint
     num_timesteps: int
@@ -45,9 +45,9 @@ class DDPMTask:
                                  f"[0, {self.n_classes})")
             if self.label_to_override == self.label_to_forget:
                 raise ValueError("distill.label_to_override equals distill.label_to_forget")
-        if self.forgets and self.label_to_override is None and self.pseudo_label_type != "rand":
-            raise ValueError(f"distill.pseudo_label_type={self.pseudo_label_type!r}: only 'rand' is supported "
-                             "without a classifier (set distill.label_to_override or pseudo_label_type='rand')")
+        if self.forgets and self.label_to_override is None and self.pseudo_label_type not in ("rand", "amax", "prob"):
+            raise ValueError(f"distill.pseudo_label_type={self.pseudo_label_type!r}: expected 'rand', 'amax' or "
+                             "'prob'")
         if not 0 <= self.t_min < self.t_max <= self.num_timesteps:
             raise ValueError(f"need 0 <= distill.t_min < distill.t_max <= {self.num_timesteps}, "
                              f"got {self.t_min}, {self.t_max}")
@@ -55,6 +55,18 @@ class DDPMTask:
     @property
     def forgets(self) -> bool:
         return self.label_to_forget >= 0
+
+    @property
+    def uses_classifier(self) -> bool:
+        """Override labels come from a classifier on the fake score's x̂ ('amax' / 'prob')."""
+        return self.forgets and self.label_to_override is None and self.pseudo_label_type in ("amax", "prob")
+
+    def classifier_labels(self, key, logits: jax.Array) -> jax.Array:
+        """The forgotten class masked to −inf, then argmax ('amax') or a categorical draw ('prob')."""
+        logits = logits.astype(jnp.float32).at[:, self.label_to_forget].set(-jnp.inf)
+        if self.pseudo_label_type == "amax":
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
     @property
     def remain_classes(self) -> np.ndarray:

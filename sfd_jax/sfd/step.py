@@ -36,14 +36,20 @@ def make_generator(model, alphas_cumprod, t_init: int) -> Callable:
 
 def make_sfd_step(model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.GradientTransformation,
                   sg_tx: optax.GradientTransformation, *, batch_size: int,
-                  batch_sharding: jax.sharding.Sharding | None = None, fused: bool = True) -> Callable:
+                  batch_sharding: jax.sharding.Sharding | None = None, fused: bool = True,
+                  classifier_fn: Callable | None = None) -> Callable:
     """Build ``step(state: SFDState, teacher_params, root_key) -> (SFDState, metrics)``.
 
     A. fake-score update on generator samples (eval mode, no gradient to G): remain labels c (uniform over the
        remaining classes) + forget labels, ε-MSE, coefficients sg_remain/forget_coef, clip by value, Adam.
     B. generator update with the just-updated fake score: same c, fresh z/ε/t; SiD loss with teacher and fake
        score at c (remain) and teacher at override / fake at forget (forget); G dropout on; clip, Adam; EMA.
+    With ``pseudo_label_type`` 'amax'/'prob' the override labels come from ``classifier_fn(x [B,H,W,C] in
+    [-1,1]) -> logits`` applied to the fake score's clean estimate x̂ clamped to [-1, 1] (the original feeds
+    clamp((x̂+1)/2, 0, 1) to a classifier that takes [0, 1] images), per timestep inside the loss.
     """
+    if task.uses_classifier and classifier_fn is None:
+        raise ValueError(f"pseudo_label_type={task.pseudo_label_type!r} needs a classifier (distill.clf_path)")
     d = config.distill
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
     res, ch = config.data.image_size, config.model.in_channels
@@ -67,6 +73,23 @@ def make_sfd_step(model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.Gra
 
     def normal(key):
         return constrain(jax.random.normal(key, shape, jnp.float32))
+
+    def override_teacher(teacher, fake, key, forget, remain_labels=None):
+        """Teacher eps fn whose forget samples use classifier labels on the fake score's x̂ (at the ``forget``
+        labels). ``remain_labels``: labels of a fused batch's remain half, where the teacher stays at c."""
+        def eps_fn(x_t, t):
+            ti = t.astype(jnp.int32)
+            a = ac[ti].reshape(-1, 1, 1, 1)
+            x_part = x_t if remain_labels is None else x_t[remain_labels.shape[0]:]
+            t_part = t if remain_labels is None else t[remain_labels.shape[0]:]
+            a_part = a if remain_labels is None else a[remain_labels.shape[0]:]
+            sg_e = eps(fake, forget)(x_part, t_part)
+            sg_x = jax.lax.stop_gradient((x_part - jnp.sqrt(1 - a_part) * sg_e) / jnp.sqrt(a_part))
+            labels = task.classifier_labels(key, classifier_fn(jnp.clip(sg_x, -1.0, 1.0)))
+            if remain_labels is not None:
+                labels = jnp.concatenate([remain_labels, labels])
+            return eps(teacher, labels)(x_t, t)
+        return eps_fn
 
     def step(state: SFDState, teacher, root_key):
         k = dict(zip(_SFD_KEYS, jax.random.split(jax.random.fold_in(root_key, state.step), len(_SFD_KEYS))))
@@ -109,13 +132,15 @@ def make_sfd_step(model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.Gra
         if do_g_f:
             gz_f, ge_f = normal(k["g_z_f"]), normal(k["g_e_f"])
             gt_f = constrain(task.forget_timesteps(k["g_t_f"], B, state.step))
-            override = constrain(task.override_labels(k["override"], B))
+            if not task.uses_classifier:
+                override = constrain(task.override_labels(k["override"], B))
 
         def g_loss(p):
             if do_g_f and fused:
                 x0g = gen(p, jnp.concatenate([c, forget]), jnp.concatenate([gz_r, gz_f]), True, k["g_do_r"])
-                per = sid_generator_loss(eps(teacher, jnp.concatenate([c, override])),
-                                         eps(fake_frozen, jnp.concatenate([c, forget])), x0g,
+                teacher_fn = (override_teacher(teacher, fake_frozen, k["override"], forget, c) if task.uses_classifier
+                              else eps(teacher, jnp.concatenate([c, override])))
+                per = sid_generator_loss(teacher_fn, eps(fake_frozen, jnp.concatenate([c, forget])), x0g,
                                          jnp.concatenate([gt_r, gt_f]), jnp.concatenate([ge_r, ge_f]), ac, alpha,
                                          diffinst)
                 l_r, l_f = per[:B].mean(), per[B:].mean()
@@ -125,8 +150,10 @@ def make_sfd_step(model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.Gra
                                          diffinst).mean()
                 if do_g_f:
                     x0f = gen(p, forget, gz_f, True, k["g_do_f"])
-                    l_f = sid_generator_loss(eps(teacher, override), eps(fake_frozen, forget), x0f, gt_f, ge_f, ac,
-                                             alpha, diffinst).mean()
+                    teacher_fn = (override_teacher(teacher, fake_frozen, k["override"], forget) if task.uses_classifier
+                                  else eps(teacher, override))
+                    l_f = sid_generator_loss(teacher_fn, eps(fake_frozen, forget), x0f, gt_f, ge_f, ac, alpha,
+                                             diffinst).mean()
                 else:
                     l_f = zeros
             return g_r * l_r + g_f * l_f, (l_r, l_f)
