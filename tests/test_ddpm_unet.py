@@ -78,3 +78,26 @@ def test_wrong_resolution_is_an_error(tiny):
     model, params, _, t, c = tiny
     with pytest.raises(ValueError, match="16x16"):
         model.apply({"params": params}, jnp.zeros((4, 32, 32, 3)), t, c)
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_stays_close(tiny):
+    model, params, x, t, c = tiny
+    bf = model.clone(dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(bf.init_params(jax.random.key(0))))
+    ref = np.asarray(model.apply({"params": params}, x, t, c))
+    out = np.asarray(bf.apply({"params": params}, x, t, c))
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_remat_changes_neither_outputs_nor_gradients(tiny):
+    model, params, x, t, c = tiny
+    rem = model.clone(remat=True)
+
+    def loss(m):
+        return lambda p: jnp.sum(m.apply({"params": p}, x, t, c) ** 2)
+    np.testing.assert_allclose(rem.apply({"params": params}, x, t, c), model.apply({"params": params}, x, t, c),
+                               atol=1e-6)
+    g1, g2 = jax.grad(loss(model))(params), jax.grad(loss(rem))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
