@@ -59,7 +59,6 @@ def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None =
     import jax.numpy as jnp
     import numpy as np
 
-    from sfd_jax import parallel
     from sfd_jax.sfd.state import PretrainState, SFDState, make_optimizer
     from sfd_jax.train_loop import Trainer
 

@@ -110,16 +110,28 @@ class Checkpointer:
         return config_from_json(self.restore_json("config", step))
 
     def restore(self, targets: Mapping[str, Any], step: int | None = None) -> dict:
-        """Restore the named pytrees. ``targets`` maps item name -> abstract pytree (ShapeDtypeStructs with
-        shardings, or arrays), which fixes the device placement: any device count or mesh works."""
+        """Restore the named pytrees. ``targets`` maps item name -> abstract pytree (ShapeDtypeStructs, with
+        shardings or without — then replicated over all devices — or arrays), which fixes the device placement:
+        any device count or mesh works."""
         step = self._step(step)
         missing = [k for k in targets if k not in self.items(step)]
         if missing:
             raise KeyError(f"checkpoint {self.directory / str(step)} has no item {missing[0]!r}; "
                            f"it holds {', '.join(self.items(step))}")
-        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+        args = {k: ocp.args.StandardRestore(_placed(v)) for k, v in targets.items()}
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         return {k: out[k] for k in targets}
+
+
+def _placed(tree):
+    """Give target leaves without a sharding a replicated one over all devices, so a checkpoint saved on another
+    device count or mesh restores here (Orbax refuses to reuse the saved topology)."""
+    def fix(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+            from sfd_jax import parallel
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(parallel.make_mesh()))
+        return x
+    return jax.tree_util.tree_map(fix, tree)
 
 
 def _tuplify(obj):

@@ -39,3 +39,20 @@ def parse_int_list(text: str, what: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def parse_classes(text: str, n_classes: int) -> list[int]:
+    """'0,3' -> [0, 3]; 'x0,x3' -> every class but 0 and 3 (the original's form); '' -> all.
+
+    Raises UsageError on bad input or a class outside [0, n_classes)."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        return list(range(n_classes))
+    excluded = [v.startswith("x") for v in items]
+    if any(excluded) and not all(excluded):
+        raise UsageError(f"--classes mixes included and excluded ('x') classes: {text!r}")
+    values = parse_int_list(",".join(v.lstrip("x") for v in items), "--classes")
+    bad = [v for v in values if not 0 <= v < n_classes]
+    if bad:
+        raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
+    return [c for c in range(n_classes) if c not in values] if all(excluded) else values

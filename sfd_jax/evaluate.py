@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, run
+from sfd_jax.cli_utils import UsageError, parse_classes, run
 
 SUBCOMMANDS = ("forgetting", "train-classifier", "fid")
 INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release "
@@ -104,23 +104,6 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- forgetting
-def _parse_classes(text: str, n_classes: int) -> list[int]:
-    """'0,3' -> [0, 3]; 'x0,x3' -> every class but 0 and 3; '' -> all (as ``sample --classes``)."""
-    from sfd_jax.cli_utils import parse_int_list
-
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    if not items:
-        return list(range(n_classes))
-    excluded = [v.startswith("x") for v in items]
-    if any(excluded) and not all(excluded):
-        raise UsageError(f"--classes mixes included and excluded ('x') classes: {text!r}")
-    values = parse_int_list(",".join(v.lstrip("x") for v in items), "--classes")
-    bad = [v for v in values if not 0 <= v < n_classes]
-    if bad:
-        raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
-    return [c for c in range(n_classes) if c not in values] if all(excluded) else values
-
-
 def _sample_from_checkpoint(clf_n_classes: int):
     from sfd_jax import diffusion, parallel
     from sfd_jax.ddpm_weights import load_network, t_init_of
@@ -141,7 +124,7 @@ def _sample_from_checkpoint(clf_n_classes: int):
         sampler_name = "one_step" if net.kind == "distilled" else "ddim"
     if FLAGS.n_per_class < 1:
         raise UsageError(f"--n_per_class must be >= 1, got {FLAGS.n_per_class}")
-    labels = np.repeat(np.asarray(_parse_classes(FLAGS.classes, n_classes), np.int64), FLAGS.n_per_class)
+    labels = np.repeat(np.asarray(parse_classes(FLAGS.classes, n_classes), np.int64), FLAGS.n_per_class)
     shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
     _, ac = diffusion.schedule_from_config(config)
     sampler = DDPMSampler(ConditionalUNet.from_config(config), ac, sampler=sampler_name, t_init=t_init_of(config),

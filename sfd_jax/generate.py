@@ -6,7 +6,6 @@ split over the mesh's batch axes and the parameters are replicated. Initial nois
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

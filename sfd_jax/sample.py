@@ -16,7 +16,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, parse_int_list, run
+from sfd_jax.cli_utils import UsageError, parse_classes, run
 
 config_flags.DEFINE_config_file(
     "config", None, "Recipe config (configs/<recipe>.py), with --config.x.y=... overrides. Required for an "
@@ -38,23 +38,6 @@ flags.DEFINE_string("noise", None, "Replay initial noise from an .npy [N,H,W,C] 
 flags.DEFINE_string("labels", None, "Replay labels from an .npy [N] int (overrides --classes/--n_per_class).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 FLAGS = flags.FLAGS
-
-
-def parse_classes(text: str, n_classes: int) -> list[int]:
-    """'0,3' -> [0, 3]; 'x0,x3' -> every class but 0 and 3; '' -> all. Raises UsageError on bad input."""
-    if not text.strip():
-        return list(range(n_classes))
-    items = [v.strip() for v in text.split(",") if v.strip()]
-    excluded = [v.startswith("x") for v in items]
-    if any(excluded) and not all(excluded):
-        raise UsageError(f"--classes mixes included and excluded ('x') classes: {text!r}")
-    values = parse_int_list(",".join(v.lstrip("x") for v in items), "--classes")
-    bad = [v for v in values if not 0 <= v < n_classes]
-    if bad:
-        raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
-    if all(excluded):
-        return [c for c in range(n_classes) if c not in values]
-    return values
 
 
 def _labels_and_noise(n_classes: int, image_shape) -> tuple[np.ndarray, np.ndarray | None]:
@@ -123,7 +106,6 @@ def main(argv):
         raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist")
 
     # Heavy imports after the cheap checks.
-    import jax
     from sfd_jax import diffusion, parallel
     from sfd_jax.ddpm_weights import load_network, t_init_of
     from sfd_jax.generate import DDPMSampler, generate

@@ -14,7 +14,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sfd_jax import diffusion, parallel
-from sfd_jax.checkpoint import Checkpointer, abstract_like, config_from_json
+from sfd_jax.checkpoint import Checkpointer, config_from_json
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.models.ddpm_unet import ConditionalUNet
 from sfd_jax.sfd.state import (PretrainState, SFDState, make_optimizer, state_from_items, state_items)

@@ -17,7 +17,7 @@ from sfd_jax.sfd.ddpm_task import DDPMTask
 from sfd_jax.sfd.state import SFDState, make_optimizer
 from sfd_jax.sfd.step import antithetic_timesteps, make_sfd_step
 from sfd_jax.train_loop import early_stage_steps
-from tests.conftest import ROOT, last_line, load_config, run_cli
+from tests.conftest import ROOT, load_config, run_cli
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "run_steps.py")
 

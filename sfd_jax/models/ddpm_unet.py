@@ -197,7 +197,6 @@ class ConditionalUNet(nn.Module):
         cemb = _dense(emb_ch, emb_ch, "cemb_dense_1", dt)(nn.swish(cemb))
         emb = jnp.concatenate([temb, cemb], axis=-1).astype(dt)  # temb first, then cemb
 
-        in_ch_mult = (1,) + tuple(self.ch_mult)
         levels = len(self.ch_mult)
         h = _conv(ch, self.in_channels, 3, "conv_in", dt)(x.astype(dt))
         hs = [h]
