@@ -160,6 +160,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path, pretrained):
     single = _run_steps(tmp_path / "single.npz", pretrained, 4, "--data=2", "--fsdp=2")
     _wait(single)
@@ -200,6 +201,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, pretrained):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, pretrained):
     run = _train(tmp_path / "w", pretrained, "--config.training.n_iters=2", "--config.mesh.data=2",
                  "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=4096", devices=8)
@@ -212,6 +214,7 @@ def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, pretrained):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_cifar10_recipes_run_with_a_reduced_model(tmp_path):
     small = ["--config.model.ch=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1",
              "--config.model.attn_resolutions=(8,)", "--config.data.image_size=16", "--config.training.n_iters=2",
