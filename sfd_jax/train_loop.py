@@ -231,7 +231,7 @@ class Trainer:
         stop = {"flag": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
         meta = {"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)}
-        if start == 0 and self.is_main:
+        if start == 0:   # every process samples (a collective); only process 0 writes
             self.save_grids(sampler, state, 0)
         bar = tqdm(total=n_iters, initial=start, desc=f"{self.mode}", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
