@@ -13,7 +13,7 @@ from PIL import Image
 from tests.conftest import last_line, run_cli
 
 MOD = "sfd_jax.demo"
-STAGES = ("teacher", "sfd_forget3", "classifier", "samples_teacher", "samples_generator_forget3")
+STAGES = ("teacher", "sfd_forget3", "classifier", "samples_teacher", "samples_generator")
 
 
 def _check_samples(path):
@@ -52,7 +52,7 @@ def test_fast_demo_writes_every_output_then_reuses_every_stage(tmp_path):
     teacher_steps = sorted(p.name for p in (wd / "teacher" / "checkpoints").iterdir())
 
     second = run_cli(MOD, f"--workdir={wd}", "--forget=3", "--fast", "--noprogress", check=True)
-    for stage in ("teacher", "sfd_forget3", "classifier", "samples_teacher", "samples_generator_forget3"):
+    for stage in STAGES:
         assert f"{stage}: reusing" in second.stdout, stage
     assert "sfd:" not in second.stderr and "pretrain:" not in second.stderr   # no training progress bar
     assert sorted(p.name for p in (wd / "teacher" / "checkpoints").iterdir()) == teacher_steps
@@ -60,6 +60,16 @@ def test_fast_demo_writes_every_output_then_reuses_every_stage(tmp_path):
     assert all(again["timings_s"]["stages"][s]["reused"] for s in STAGES)
     assert again["targets"] == report["targets"]                       # same samples, same numbers
     _check_samples(wd / "samples_generator.npz")
+
+    # Another digit in the same workdir: teacher, classifier and teacher samples are shared; SFD and the
+    # generator's samples are not.
+    third = run_cli(MOD, f"--workdir={wd}", "--forget=5", "--fast", "--noprogress", check=True)
+    for stage in ("teacher", "classifier", "samples_teacher"):
+        assert f"{stage}: reusing" in third.stdout, stage
+    assert "samples_generator: reusing" not in third.stdout
+    other = json.loads((wd / "report.json").read_text())
+    assert other["forget_class"] == 5 and other["generator_samples"]["forgotten"]["n"] == 100
+    assert (wd / "sfd_forget5" / "checkpoints").is_dir() and (wd / "sfd_forget3" / "checkpoints").is_dir()
 
 
 def test_bad_forget_class_is_one_line(tmp_path):
