@@ -62,7 +62,7 @@ class DemoSettings:
     """Everything the demo decides besides the two training configs."""
     n_per_class: int = 100               # samples per class in samples_*.npz
     grid_per_class: int = 10             # images per row of the PNG grids
-    generator_weights: str = "raw"       # the raw generator: with 300 SFD steps an EMA trails the forgetting
+    generator_weights: str = "raw"       # a short run's EMA still holds part of the teacher (configs/digits_sfd.py)
     sample_seed: int = 2024
     sample_batch: int = 500
     classifier_width: int = 32
