@@ -42,6 +42,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("fast", False, "Testing aid: shrink every stage to seconds (meaningless numbers).")
     flags.DEFINE_bool("progress", True, "Progress bars for classifier training and sampling.")
 
+
 # What the demo's default run must reach (issue 4).
 TARGETS = {
     "classifier_held_out_accuracy": (">=", 0.97),
@@ -204,7 +205,8 @@ def classifier_stage(out_dir: str, s: DemoSettings, log: StageLog, progress: boo
     return load_classifier(out_dir)
 
 
-def _labels(n_per_class: int) -> "np.ndarray":
+def _labels(n_per_class: int):
+    """int32 [10 * n_per_class]: 0,0,...,1,1,... (the conditioning classes of the samples)."""
     import numpy as np
     return np.repeat(np.arange(10, dtype=np.int32), n_per_class)
 
@@ -424,7 +426,7 @@ def run_demo(workdir: str = "demo_out", forget: int = 0, *, fast: bool = False, 
             f"override {d.label_to_override if d.label_to_override is not None else d.pseudo_label_type}, "
             f"t_min/t_init/t_max {d.t_min}/{d.t_init}/{d.t_max}, alpha {d.alpha:g}, "
             f"EMA {s_cfg.model.ema_rate:g}")},
-        "classifier": dataclasses.asdict(s),
+        "demo": dataclasses.asdict(s),
     }
     report = build_report(forget, clf, t_eval, g_eval, settings, log, time.perf_counter() - t_start, fast)
     with open(os.path.join(workdir, "report.json"), "w") as f:

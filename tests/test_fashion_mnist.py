@@ -29,7 +29,7 @@ def test_fashion_mnist_configs_agree_on_data_and_architecture():
 
 def test_fashion_mnist_pretraining_smoke(tmp_path):
     from sfd_jax.data import dataset_from_config
-    from sfd_jax.train import train_and_evaluate
+    from sfd_jax.train_loop import Trainer   # not sfd_jax.train, whose import defines absl flags
 
     cfg = load_config("fashion_mnist_train", **{
         "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (),
@@ -39,7 +39,7 @@ def test_fashion_mnist_pretraining_smoke(tmp_path):
     assert ds.images.shape == (60000, 32, 32, 1) and ds.images.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(ds.labels), [6000] * 10)
 
-    train_and_evaluate(cfg, str(tmp_path / "run"))
+    Trainer(cfg, str(tmp_path / "run")).run()
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], losses                        # falling
