@@ -15,22 +15,11 @@ teacher's EMA) except, for a run of 200 steps instead of 50,000:
   * EMA 0.99 (cifar10: 0.9999): 0.9999 would keep the teacher's weights for the whole run. The demo samples the
     raw generator anyway: after 200 steps a 0.99 EMA still holds 0.99**200 = 13% of the teacher's weights.
 """
-import importlib.util
-import os
-
-from sfd_jax.config_base import distill_config
-
-
-def _teacher():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_pretrain.py")
-    spec = importlib.util.spec_from_file_location("digits_pretrain", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from sfd_jax.config_base import distill_config, sibling_config
 
 
 def get_config():
-    t = _teacher()
+    t = sibling_config(__file__, "digits_pretrain")
     c = distill_config(sg_lr=0.0001, sg_forget_coef=0.01, g_forget_coef=0.1, label_to_forget=0,
                        dataset="digits", image_size=8, ch_mult=t.model.ch_mult)
     c.data = t.data

@@ -6,22 +6,11 @@ t_min/t_init/t_max 38/440/712, batch 128, 50k steps) on the fashion_mnist_train.
   python -m sfd_jax.train --config=configs/fashion_mnist_sfd.py --workdir=runs/fmnist_sfd \
       --config.init_checkpoint=runs/fmnist_teacher --config.distill.label_to_forget=0
 """
-import importlib.util
-import os
-
-from sfd_jax.config_base import distill_config
-
-
-def _pretrain():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_train.py")
-    spec = importlib.util.spec_from_file_location("fashion_mnist_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from sfd_jax.config_base import distill_config, sibling_config
 
 
 def get_config():
-    p = _pretrain()
+    p = sibling_config(__file__, "fashion_mnist_train")
     c = distill_config(sg_lr=0.00001, sg_forget_coef=0.01, g_forget_coef=0.01, label_to_forget=0,
                        dataset="FashionMNIST", image_size=32, ch_mult=p.model.ch_mult)
     c.data.path = p.data.path

@@ -84,3 +84,16 @@ def distill_config(*, sg_lr: float, sg_forget_coef: float, g_forget_coef: float,
         # Read by the original with silent defaults (absent from every shipped config):
         cond_scale=0.0, cond_drop_prob=0.0, forget_warmup=0.0, use_diffinst=False))
     return c
+
+
+def sibling_config(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of ``configs/<name>.py`` next to ``config_file`` (recipes build on each other by
+    path, so they work whatever the current directory or ``sys.path``)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"sfd_config_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(*args)

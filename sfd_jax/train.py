@@ -1,7 +1,9 @@
-r"""Training entry point for both modes: DDPM pretraining and SFD/SiD distillation.
+r"""Training entry point for all modes: DDPM pretraining, DDPM SFD/SiD distillation, Stable Diffusion SFD.
 
   python -m sfd_jax.train --config=configs/cifar10_sfd.py --workdir=runs/sfd \
       --config.init_checkpoint=ckpt.pth --config.distill.label_to_forget=3
+  python -m sfd_jax.train --config=configs/sd15_celebrity.py --workdir=runs/brad_pitt \
+      --config.sd.model=PATH/stable-diffusion-v1-5 --config.prompts.remain=PATH/aesthetics_6_plus.txt
 
 A ``--workdir`` that already holds checkpoints of the same recipe resumes from the newest one; per-step
 randomness is ``fold_in(key(seed), step)``, so the resumed run reproduces the uninterrupted one.
@@ -21,13 +23,16 @@ flags.DEFINE_string("workdir", None, "Output root: checkpoints/, metrics.jsonl, 
 flags.DEFINE_integer("sigterm_at_step", None, "Testing aid: send SIGTERM to this process after this many steps.")
 FLAGS = flags.FLAGS
 
-MODES = ("pretrain", "sfd")
+MODES = ("pretrain", "sfd", "sd_sfd")
 
 
 def validate_config(config) -> None:
     """Fail early, with one line, on settings that cannot run."""
     if config.get("mode") not in MODES:
         raise UsageError(f"config.mode must be one of {', '.join(MODES)}, got {config.get('mode')!r}")
+    if config.mode == "sd_sfd":
+        from sfd_jax.sfd.sd_task import validate_sd_config
+        return validate_sd_config(config)
     if config.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
     t = config.training
@@ -59,8 +64,11 @@ def validate_config(config) -> None:
 
 def train_and_evaluate(config, workdir: str, *, sigterm_at_step: int | None = None):
     """Run (or resume) training in ``workdir``; returns the final state. Everything testable lives below here."""
-    from sfd_jax.train_loop import Trainer  # heavy imports only once the flags are parsed
     validate_config(config)
+    if config.mode == "sd_sfd":
+        from sfd_jax.sd_train_loop import SDTrainer
+        return SDTrainer(config, workdir).run(sigterm_at_step=sigterm_at_step)
+    from sfd_jax.train_loop import Trainer  # heavy imports only once the flags are parsed
     trainer = Trainer(config, workdir)
     return trainer.run(sigterm_at_step=sigterm_at_step)
 

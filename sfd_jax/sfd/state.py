@@ -39,8 +39,23 @@ class PretrainState:
     ITEMS = ("model", "ema", "opt")
 
 
+@struct.dataclass
+class SDState:
+    """Stable Diffusion SFD: as :class:`SFDState`; ``generator_ema`` is None when EMA is off (G_ema is G)."""
+    step: jax.Array
+    generator: Params
+    generator_ema: Params | None
+    fake_score: Params
+    g_opt: optax.OptState
+    sg_opt: optax.OptState
+
+    ITEMS = ("generator", "generator_ema", "fake_score", "g_opt", "sg_opt")
+
+
 def state_items(state) -> dict:
     """State -> {checkpoint item name: pytree} (the step goes into the checkpoint's metadata)."""
+    if isinstance(state, SDState):
+        return {k: getattr(state, k) for k in SDState.ITEMS if getattr(state, k) is not None}
     if isinstance(state, SFDState):
         return {k: getattr(state, k) for k in SFDState.ITEMS}
     return {"model": state.params, "ema": state.ema, "opt": state.opt}
@@ -49,6 +64,8 @@ def state_items(state) -> dict:
 def state_from_items(kind: str, step: int, items: dict):
     """Inverse of :func:`state_items`."""
     s = jnp.asarray(step, jnp.int32)
+    if kind == "sd_sfd":
+        return SDState(step=s, **{k: items.get(k) for k in SDState.ITEMS})
     if kind == "sfd":
         return SFDState(step=s, **{k: items[k] for k in SFDState.ITEMS})
     return PretrainState(step=s, params=items["model"], ema=items["ema"], opt=items["opt"])

@@ -1,0 +1,346 @@
+"""The host loop of Stable Diffusion SFD (``python -m sfd_jax.train`` with ``mode='sd_sfd'``): components and
+state, the jitted step (:mod:`sfd_jax.sfd.sd_step`), kimg ticks, logs, grids, Orbax checkpoints, resume.
+
+Workdir layout (as DDPM): ``config.json``, ``checkpoints/<step>/`` (items generator, generator_ema (if EMA),
+fake_score, g_opt, sg_opt, config, meta), ``metrics.jsonl`` + ``tb/`` (one record per tick), ``samples/``
+(``fakes_init_{k}.png`` and ``fakes_{nimg:09d}_{k}.png``, nimg = images seen, for k generator steps in ``training.grid_steps``).
+
+Schedule (seed_facts §2.5): ``nimg = step·batch``; a tick after the first iteration and then every
+``tick_kimg``; at snapshot ticks (``tick % snap_ticks == 0``, ticks 2, 4, 10, 20, ..., 100, and the end) grids and a
+checkpoint; at dump ticks (``tick % dump_ticks == 0``) a checkpoint. The tick counter is saved with the checkpoint,
+so a resumed run continues the schedule (the original restarted it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from sfd_jax import parallel
+from sfd_jax.checkpoint import Checkpointer, config_from_json
+from sfd_jax.cli_utils import UsageError
+from sfd_jax.sfd.sd_task import SDPrompts, micro_batch, validate_sd_config
+from sfd_jax.sfd.state import SDState, state_from_items, state_items
+from sfd_jax.train_log import MetricsLogger
+
+SPECIAL_SNAPSHOT_TICKS = frozenset({2, 4} | set(range(10, 101, 10)))
+_SAME_RECIPE_KEYS = ("mode", "sd.resolution", "sd.model")
+
+
+class SDTrainer:
+    """One SD SFD run in ``workdir`` (created or resumed)."""
+
+    def __init__(self, config, workdir: str, *, components=None):
+        validate_sd_config(config)
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.mesh_from_config(config)
+        self.shards = parallel.batch_divisor(self.mesh)
+        self.micro = micro_batch(config, self.shards)
+        if jax.process_count() > 1 and self.micro % jax.process_count():
+            raise UsageError(f"the micro-batch {self.micro} is not a multiple of {jax.process_count()} processes")
+        self.min_size = parallel.fsdp_min_size(config)
+        self.repl = parallel.replicated(self.mesh)
+        self.root_key = jax.random.key(int(config.seed))
+        self._check_workdir()
+        self.prompts = SDPrompts(config, warn=self._warn)
+        self.comps = components if components is not None else self._load_components()
+        self._check_components()
+        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        self.ckpt = None
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _warn(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def _check_workdir(self) -> None:
+        path = os.path.join(self.workdir, "config.json")
+        if os.path.exists(path):
+            saved = config_from_json(json.load(open(path)))
+            for key in _SAME_RECIPE_KEYS:
+                a, b = _get(saved, key), _get(self.config, key)
+                if a != b:
+                    raise UsageError(f"workdir {self.workdir} holds a run with a different {key} ({a!r} vs {b!r}); "
+                                     "use a new --workdir")
+
+    def _load_components(self):
+        from sfd_jax.sd import load_components
+        sd = self.config.sd
+        return load_components(sd.model, dtype=jnp.dtype(self.config.dtype), variant=sd.variant or None,
+                               attention_impl=sd.attention, remat=bool(sd.remat), put=np.asarray)
+
+    def _check_components(self) -> None:
+        c = self.comps
+        if c.schedule.prediction_type != "epsilon":
+            raise UsageError(f"{self.config.sd.model}: prediction_type {c.schedule.prediction_type!r}; SD SFD needs an "
+                             "epsilon-prediction model (SD 1.x), as the original")
+        factor = 2 ** (len(c.vae.block_out_channels) - 1)
+        res = int(self.config.sd.resolution)
+        unit = factor * 2 ** (len(c.unet.block_out_channels) - 1)
+        if res % unit:
+            raise UsageError(f"sd.resolution={res} must be a multiple of {unit} for this model")
+        self.latent_shape = (res // factor, res // factor, int(c.unet.in_channels))
+        self.alphas_cumprod = np.asarray(c.schedule.alphas_cumprod, np.float32)
+
+    def _open_checkpointer(self) -> Checkpointer:
+        if self.ckpt is None:
+            t = self.config.training
+            self.ckpt = Checkpointer(self.ckpt_dir, max_to_keep=int(t.max_to_keep) or None,
+                                     async_save=bool(t.async_checkpoints))
+        return self.ckpt
+
+    def latest_step(self) -> int | None:
+        if not os.path.isdir(self.ckpt_dir) or not any(n.isdigit() for n in os.listdir(self.ckpt_dir)):
+            return None
+        return self._open_checkpointer().latest_step()
+
+    def write_config(self) -> None:
+        if self.is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(self.config.to_json(indent=2))
+
+    def tokenize(self, prompts) -> np.ndarray:
+        from sfd_jax.sd_tokenizer import tokenize
+        return tokenize(self.comps.tokenizer, list(prompts))
+
+    # ------------------------------------------------------------------------------------------- state
+    def optimizers(self):
+        from sfd_jax.sfd.sd_optim import make_sd_optimizer
+        o = self.config.optim
+        common = dict(beta1=float(o.beta1), beta2=float(o.beta2), eps=float(o.eps),
+                      weight_decay=float(o.weight_decay), precision=o.precision)
+        g_tx = make_sd_optimizer(o.optimizer, float(o.glr), clip_value=float(o.g_clip_value) or None, **common)
+        sg_tx = make_sd_optimizer(o.optimizer, float(o.lr), clip_value=float(o.sg_clip_value) or None, **common)
+        return g_tx, sg_tx
+
+    def _param_shardings(self):
+        from sfd_jax.sd import abstract_params
+        shapes = abstract_params(self.comps.unet)
+        return shapes, parallel.state_shardings(shapes, self.mesh, self.min_size)
+
+    def _put(self, tree, shardings):
+        return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+    def _fp16(self, tree):
+        if self.config.optim.precision != "fp16_emulated":
+            return tree
+        from sfd_jax.sfd.sd_optim import to_fp16_values
+        return to_fp16_values(tree)
+
+    def _generator_init(self, shapes):
+        path = self.config.sd.generator_init
+        if not path:
+            return None
+        from sfd_jax.convert.sd_checkpoints import _restore_generator
+        try:
+            name, step, params = _restore_generator(path, shapes)
+        except FileNotFoundError as e:
+            raise UsageError(f"sd.generator_init: {e}") from None
+        logging.info("generator initialised from %s (item %s, step %d)", path, name, step)
+        return params
+
+    def build(self):
+        """(state, state shardings, frozen inputs, frozen shardings, (g_tx, sg_tx))."""
+        shapes, p_sh = self._param_shardings()
+        g_tx, sg_tx = self.optimizers()
+        te_shapes = jax.eval_shape(lambda: self.comps.text_encoder.init_params(jax.random.key(0)))
+        te_sh = parallel.state_shardings(te_shapes, self.mesh, self.min_size)
+        teacher = self._put(self._fp16(self.comps.unet_params), p_sh)
+        te_params = self._put(self.comps.text_encoder_params, te_sh)
+        table = self.text_table(te_params)
+        frozen = {"teacher": teacher, "text_encoder": te_params, "table": table}
+        frozen_sh = {"teacher": p_sh, "text_encoder": te_sh, "table": self.repl}
+        use_ema = float(self.config.training.ema_halflife_kimg) > 0
+        g_opt_abs, sg_opt_abs = jax.eval_shape(g_tx.init, shapes), jax.eval_shape(sg_tx.init, shapes)
+        sh = SDState(step=self.repl, generator=p_sh, generator_ema=p_sh if use_ema else None, fake_score=p_sh,
+                     g_opt=parallel.state_shardings(g_opt_abs, self.mesh, self.min_size),
+                     sg_opt=parallel.state_shardings(sg_opt_abs, self.mesh, self.min_size))
+        resume = self.latest_step()
+        if resume is None:
+            copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=p_sh)
+            init = self._generator_init(shapes)
+            gen = self._put(self._fp16(init), p_sh) if init is not None else copy(teacher)
+            fake = copy(teacher)   # the fake score starts from the teacher (§2.3), not from G
+            g_opt = jax.jit(g_tx.init, out_shardings=sh.g_opt)(gen)
+            sg_opt = jax.jit(sg_tx.init, out_shardings=sh.sg_opt)(fake)
+            state = SDState(step=jax.device_put(jnp.int32(0), self.repl), generator=gen,
+                            generator_ema=copy(gen) if use_ema else None, fake_score=fake, g_opt=g_opt,
+                            sg_opt=sg_opt)
+        else:
+            abstract = SDState(step=None, generator=shapes, generator_ema=shapes if use_ema else None,
+                               fake_score=shapes, g_opt=g_opt_abs, sg_opt=sg_opt_abs)
+            targets = {k: _with_shardings(v, getattr(sh, k)) for k, v in state_items(abstract).items()}
+            items = self._open_checkpointer().restore(targets, resume)
+            state = state_from_items("sd_sfd", resume, items)
+            state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
+            logging.info("resumed from step %d", resume)
+        return state, sh, frozen, frozen_sh, (g_tx, sg_tx)
+
+    def text_table(self, te_params) -> jax.Array:
+        """Embeddings [N, 77, D] float32 of the fixed strings (row 0 = ""), computed once."""
+        from sfd_jax.models.clip_text import text_embeddings
+        te = self.comps.text_encoder
+        encode = jax.jit(lambda p, ids: text_embeddings(te, p, ids), out_shardings=self.repl)
+        ids = self.tokenize(self.prompts.strings)
+        chunk = 64
+        parts = [encode(te_params, jnp.asarray(ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
+        return jax.device_put(jnp.concatenate(parts), self.repl)
+
+    # -------------------------------------------------------------------------------------------- step
+    def settings(self):
+        from sfd_jax.sfd.sd_step import SDStepSettings
+        return SDStepSettings.from_config(self.config, micro=self.micro, latent_shape=self.latent_shape,
+                                          has_neg=self.prompts.has_neg, n_neg=len(self.prompts.neg))
+
+    def batch_shardings(self):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        rounds_ids = NamedSharding(self.mesh, P(None, parallel.BATCH_AXES))
+        return rounds_ids, parallel.batch_sharding(self.mesh)
+
+    def make_step(self, sh, frozen_sh, txs):
+        from sfd_jax.sfd.sd_step import make_sd_sfd_step
+        rounds_sh, micro_sh = self.batch_shardings()
+        fn = make_sd_sfd_step(self.comps.unet, self.comps.text_encoder, self.alphas_cumprod, self.settings(), *txs,
+                              micro_sharding=micro_sh)
+        return jax.jit(fn, in_shardings=(sh, frozen_sh, rounds_sh, self.repl), out_shardings=(sh, self.repl),
+                       donate_argnums=(0,))
+
+    def device_batch(self, step: int) -> dict:
+        s = self.settings()
+        host = self.prompts.host_batch(step, s.rounds, self.micro, self.tokenize, jax.process_index(),
+                                       jax.process_count())
+        rounds_sh, _ = self.batch_shardings()
+        if jax.process_count() == 1:
+            return {k: jax.device_put(v, rounds_sh) for k, v in host.items()}
+        return {k: jax.make_array_from_process_local_data(rounds_sh, v) for k, v in host.items()}
+
+    # ------------------------------------------------------------------------------------------- grids
+    def save_grids(self, params, frozen, tag: str) -> None:
+        """Grids of the snapshot prompts (2·grid_items images, 8 per row) for k generator steps."""
+        from sfd_jax.images import save_grid
+        from sfd_jax.models.clip_text import text_embeddings
+        from sfd_jax.models.vae import decode_latents
+        from sfd_jax.sd_generator import generate_latents
+        t = self.config.training
+        strings = self.prompts.grid_strings(int(t.grid_items), seed=int(t.grid_seed))
+        n = len(strings)
+        chunk = max(self.shards, min(8, n) // self.shards * self.shards or self.shards)
+        pad = -n % chunk
+        ids = self.tokenize(strings + [""] * pad)
+        key = jax.random.key(int(t.grid_seed))
+        z_all = jax.random.normal(key, (n + pad,) + self.latent_shape, jnp.float32)
+        if getattr(self, "_grid_fn", None) is None:
+            unet, te, vae, ac = self.comps.unet, self.comps.text_encoder, self.comps.vae, self.alphas_cumprod
+            t_init = int(self.config.distill.init_timestep)
+
+            def fn(g, te_p, vae_p, ids, z, key, k):
+                emb = text_embeddings(te, te_p, ids)
+                return decode_latents(vae, vae_p, generate_latents(unet, g, z, emb, ac, t_init, k, key))
+            self._grid_fn = jax.jit(fn, static_argnums=(6,))
+            self._vae_params = jax.device_put(self.comps.vae_params, self.repl)
+        _, micro_sh = self.batch_shardings()
+        out_dir = os.path.join(self.workdir, "samples")
+        for k in t.grid_steps:
+            imgs = []
+            for i in range(0, n + pad, chunk):
+                out = self._grid_fn(params, frozen["text_encoder"], self._vae_params,
+                                    jax.device_put(jnp.asarray(ids[i:i + chunk]), micro_sh),
+                                    jax.device_put(z_all[i:i + chunk], micro_sh), jax.random.fold_in(key, i), int(k))
+                imgs.append(np.asarray(jax.device_get(out)))
+            if self.is_main:
+                os.makedirs(out_dir, exist_ok=True)
+                save_grid(np.concatenate(imgs)[:n], os.path.join(out_dir, f"fakes_{tag}_{int(k)}.png"),
+                          nrow=min(8, n))
+
+    # --------------------------------------------------------------------------------------------- run
+    def run(self, sigterm_at_step: int | None = None):
+        c, t = self.config, self.config.training
+        state, sh, frozen, frozen_sh, txs = self.build()
+        start = int(jax.device_get(state.step))
+        self.write_config()
+        ckpt = self._open_checkpointer()
+        step_fn = self.make_step(sh, frozen_sh, txs)
+        B = int(t.batch)
+        total_nimg = max(int(float(t.duration_kimg) * 1000), 1)
+        n_steps = -(-total_nimg // B)
+        meta_base = {"mode": "sd_sfd", "sd_model": c.sd.model, "generator_init": c.sd.generator_init,
+                     "recipe_seed": int(c.seed)}
+        tick, tick_start_nimg = 0, start * B
+        if start > 0:
+            meta = ckpt.restore_json("meta", start)
+            tick, tick_start_nimg = int(meta.get("tick", 0)), int(meta.get("tick_start_nimg", start * B))
+        gen_for_grids = (lambda st: st.generator_ema if st.generator_ema is not None else st.generator)
+        if start == 0:
+            self.save_grids(gen_for_grids(state), frozen, "init")
+        logger = MetricsLogger(self.workdir, enabled=self.is_main)
+        stop = {"flag": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        bar = tqdm(total=n_steps, initial=start, desc="sd_sfd", unit="step", disable=not self.is_main,
+                   dynamic_ncols=True)
+        pending, t_tick, steps_in_tick, step = [], time.perf_counter(), 0, start
+        try:
+            while step < n_steps:
+                batch = self.device_batch(step)
+                state, metrics = step_fn(state, frozen, batch, self.root_key)
+                step += 1
+                steps_in_tick += 1
+                pending.append(metrics)
+                bar.update(1)
+                if sigterm_at_step is not None and step == sigterm_at_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                nimg = step * B
+                done = step >= n_steps
+                at_tick = done or tick == 0 or nimg >= tick_start_nimg + float(t.tick_kimg) * 1000
+                snapshot = dump = False
+                if at_tick:
+                    avg = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
+                    dt = time.perf_counter() - t_tick
+                    avg.update({"kimg": nimg / 1000.0, "tick": tick, "sec_per_tick": dt,
+                                "sec_per_kimg": dt / max(steps_in_tick * B / 1000.0, 1e-9),
+                                "images_per_s": steps_in_tick * B / max(dt, 1e-9),
+                                "lr/g": float(c.optim.glr), "lr/sg": float(c.optim.lr)})
+                    logger.write(step, avg)
+                    bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("sg_remain_loss", "g_remain_loss",
+                                                                  "g_forget_loss")}, refresh=False)
+                    snapshot = done or tick % int(t.snap_ticks) == 0 or tick in SPECIAL_SNAPSHOT_TICKS
+                    dump = (done or tick % int(t.dump_ticks) == 0) and tick != 0
+                    tick += 1
+                    tick_start_nimg = nimg
+                    pending, t_tick, steps_in_tick = [], time.perf_counter(), 0
+                if snapshot or dump or stop["flag"]:
+                    ckpt.save(step, state_items(state), config=c,
+                              meta={**meta_base, "step": step, "kimg": nimg / 1000.0, "tick": tick,
+                                    "tick_start_nimg": tick_start_nimg})
+                if snapshot:
+                    self.save_grids(gen_for_grids(state), frozen, f"{nimg:09d}")
+                if stop["flag"]:
+                    logging.warning("SIGTERM: saved step %d, stopping", step)
+                    break
+        finally:
+            bar.close()
+            ckpt.wait()
+            ckpt.close()
+            logger.close()
+            signal.signal(signal.SIGTERM, previous)
+        return state
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
