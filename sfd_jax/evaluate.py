@@ -1,4 +1,5 @@
-r"""Evaluate generators: forgetting metrics with a classifier, classifier training, FID/sFID/IS/precision/recall.
+r"""Evaluate generators: forgetting metrics with a classifier, classifier training, FID/sFID/IS/precision/recall,
+prompt images of a distilled Stable Diffusion generator and NudeNet counts.
 
   python -m sfd_jax.evaluate forgetting --checkpoint=RUN --classifier=CLF [--forget=0] [--n_per_class=100] \
       [--original_normalisation] [--out=ua.json]
@@ -6,12 +7,18 @@ r"""Evaluate generators: forgetting metrics with a classifier, classifier traini
   python -m sfd_jax.evaluate train-classifier --dataset=digits --arch=cnn --out=clf_digits
   python -m sfd_jax.evaluate fid --samples=DIR_or_NPZ --ref=DIR_or_NPZ_or_dataset:NAME \
       --inception=pt_inception-2015-12-05-6726825d.pth [--is] [--pr] [--out=fid.json]
+  python -m sfd_jax.evaluate prompts --checkpoint=RUN --prompts=prompts/a.txt[,b.txt] --seeds=0-19 --outdir=DIR \
+      [--model=SD_PIPELINE] [--init_timestep=625] [--steps=1] [--batch=64] [--weights=ema] [--format=png]
+  python -m sfd_jax.evaluate nudity DIR [--recursive] [--threshold=0.6] [--out=nudity.json]
 
 ``forgetting`` samples on the fly from ``--checkpoint`` (our Orbax checkpoint or an original ``.pth`` with
 ``--config``; the one-step generator for distilled checkpoints) or reads ``--samples`` (PNG folder named
 ``{class:03d}_*.png`` or an npz with ``images`` and ``labels``). ``--classifier`` is a directory written by
 ``train-classifier`` or a torchvision ResNet-18/34 ``.pth`` (e.g. the original's ``cifar10_resnet34.pth``).
 ``fid`` reads the FID Inception weights from ``--inception`` (nothing here downloads them).
+``prompts`` writes ``DIR/<prompt>/<seed:05d>.png`` for every prompt and seed (the original's eval_prompts.py; see
+:mod:`sfd_jax.eval.sd_prompts`); ``nudity`` counts NudeNet detections in a folder (the original's
+nudenet_evaluator.py; needs ``pip install nudenet``; see :mod:`sfd_jax.eval.nudity`).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from ml_collections import config_flags
 
 from sfd_jax.cli_utils import UsageError, parse_classes, run
 
-SUBCOMMANDS = ("forgetting", "train-classifier", "fid")
+SUBCOMMANDS = ("forgetting", "train-classifier", "fid", "prompts", "nudity")
 INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release "
                   "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                   "pt_inception-2015-12-05-6726825d.pth and pass --inception=PATH")
@@ -33,7 +40,8 @@ INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorc
 config_flags.DEFINE_config_file("config", None, "forgetting: recipe config for an original .pth checkpoint "
                                 "(replaces the config stored in our checkpoints).", lock_config=False)
 # forgetting
-flags.DEFINE_string("checkpoint", None, "forgetting: generator checkpoint to sample from (ours or an original .pth).")
+flags.DEFINE_string("checkpoint", None, "forgetting: generator checkpoint to sample from (ours or an original .pth); "
+                    "prompts: our checkpoint of a distilled SD generator (workdir, checkpoints/ or checkpoints/<step>).")
 flags.DEFINE_string("classifier", None, "forgetting: classifier directory (train-classifier) or torchvision .pth.")
 flags.DEFINE_string("samples", None, "forgetting/fid: a folder of PNGs or an .npz (images, labels) instead of "
                     "sampling.")
@@ -44,9 +52,10 @@ flags.DEFINE_string("classes", "", "forgetting: classes to sample ('0,3', 'x0' =
 flags.DEFINE_bool("original_normalisation", False, "forgetting: divide the forgotten-class sums by the number of "
                   "all images, as the original's ua_imagefolder.py (default: proper per-class averages).")
 flags.DEFINE_string("sampler", "auto", "forgetting: one_step | ddim | ddpm | auto (one_step for distilled).")
-flags.DEFINE_integer("steps", 100, "forgetting: steps for ddim/ddpm.")
+flags.DEFINE_integer("steps", 100, "forgetting: steps for ddim/ddpm; prompts: generator steps (default 1).")
 flags.DEFINE_float("cond_scale", 0.0, "forgetting: guidance s for ddim/ddpm (0: none).")
-flags.DEFINE_string("weights", "ema", "forgetting: ema | raw generator weights.")
+flags.DEFINE_string("weights", "ema", "forgetting/prompts: ema | raw generator weights (prompts: ema falls back "
+                    "to the raw generator when the checkpoint has no EMA).")
 flags.DEFINE_integer("classifier_input_size", 224, "forgetting: resize for a torchvision .pth classifier "
                      "(224 as the original; 0 = no resize).")
 flags.DEFINE_string("classifier_normalization", "none", "forgetting: none ([-1,1] inputs, the original's) | "
@@ -87,9 +96,24 @@ flags.DEFINE_string("resize", "pytorch_fid", "fid: 299-px resize: pytorch_fid (b
 flags.DEFINE_string("fid_method", "sqrtm", "fid: sqrtm (scipy, pytorch-fid's and the original's) | eigh (same "
                     "value via two symmetric eigendecompositions, 2-4x faster).")
 flags.DEFINE_integer("is_split_size", 5000, "fid: Inception Score split size (the original's evaluator: 5000).")
+# prompts
+flags.DEFINE_string("prompts", None, "prompts: prompt text files, comma-separated (one prompt a line).")
+flags.DEFINE_string("seeds", "0-19", "prompts: seeds, e.g. '0-19,25' (ranges inclusive).")
+flags.DEFINE_string("outdir", None, "prompts: output folder (OUTDIR/<prompt>/<seed:05d>.png, OUTDIR/index.json).")
+flags.DEFINE_string("model", None, "prompts: base SD pipeline folder for the VAE, text encoder, tokenizer, scheduler "
+                    "and UNet config (default: the checkpoint's training config sd.model).")
+flags.DEFINE_integer("init_timestep", None, "prompts: the generator's t_init (default: the checkpoint's "
+                     "distill.init_timestep, else 625).")
+flags.DEFINE_integer("resolution", None, "prompts: image size in pixels (default: UNet sample_size x VAE factor).")
+flags.DEFINE_string("format", "png", "prompts: png | jpg (PIL quality 75, as the original).")
+flags.DEFINE_string("dtype", "float32", "prompts: compute dtype, float32 | bfloat16 (parameters stay float32).")
+flags.DEFINE_bool("overwrite", False, "prompts: regenerate images that exist (default: skip them, resumable).")
+# nudity
+flags.DEFINE_float("threshold", 0.6, "nudity: count boxes with score >= this (0.6 = NudeNet 2.0.9's default).")
+flags.DEFINE_bool("recursive", False, "nudity: also images in subfolders (e.g. the per-prompt folders).")
 # common
-flags.DEFINE_string("out", None, "forgetting/fid: JSON output file; train-classifier: output directory.")
-flags.DEFINE_integer("batch", 100, "Batch size (sampling, classifying, Inception).")
+flags.DEFINE_string("out", None, "forgetting/fid/nudity: JSON output file; train-classifier: output directory.")
+flags.DEFINE_integer("batch", 100, "Batch size (sampling, classifying, Inception; prompts: default 64).")
 flags.DEFINE_integer("seed", 1234, "Random seed.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 FLAGS = flags.FLAGS
@@ -322,13 +346,51 @@ def fid_main() -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------------- prompts
+def prompts_main() -> dict:
+    from sfd_jax.eval.sd_prompts import generate_prompt_images, parse_seeds
+
+    if not FLAGS.prompts:
+        raise UsageError("--prompts is required (one or more text files, comma-separated, one prompt a line)")
+    seeds = parse_seeds(FLAGS.seeds)
+    files = [p.strip() for p in FLAGS.prompts.split(",") if p.strip()]
+    res = generate_prompt_images(
+        FLAGS.checkpoint, files, seeds, FLAGS.outdir, model=FLAGS.model, init_timestep=FLAGS.init_timestep,
+        steps=FLAGS.steps if FLAGS["steps"].present else 1, batch=FLAGS.batch if FLAGS["batch"].present else 64,
+        weights=FLAGS.weights, fmt=FLAGS.format, dtype=FLAGS.dtype, resolution=FLAGS.resolution,
+        overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+    print(f"{len(res['prompts'])} prompts x {len(seeds)} seeds: wrote {res['written']} images, skipped "
+          f"{res['skipped']} existing ({res['item']} of step {res['step']}, t_init {res['init_timestep']}) "
+          f"in {FLAGS.outdir}")
+    return res
+
+
+# -------------------------------------------------------------------------------------------------- nudity
+def nudity_main(folder: str) -> dict:
+    from sfd_jax.eval.nudity import evaluate_folder, format_table
+
+    report = evaluate_folder(folder, FLAGS.threshold, recursive=FLAGS.recursive, progress=FLAGS.progress)
+    print(format_table(report))
+    _write_json(FLAGS.out, report)
+    if FLAGS.out:
+        print(f"wrote {FLAGS.out}")
+    return report
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
         got = f" (got {argv[1]!r})" if len(argv) >= 2 else ""
         raise UsageError(f"expected a subcommand: {' | '.join(SUBCOMMANDS)}{got}")
+    if argv[1] == "nudity":
+        if len(argv) != 3:
+            raise UsageError("nudity takes exactly one image folder: evaluate nudity DIR [--recursive] "
+                             "[--threshold=0.6] [--out=FILE]")
+        nudity_main(argv[2])
+        return
     if len(argv) > 2:
         raise UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
-    {"forgetting": forgetting_main, "train-classifier": train_classifier_main, "fid": fid_main}[argv[1]]()
+    {"forgetting": forgetting_main, "train-classifier": train_classifier_main, "fid": fid_main,
+     "prompts": prompts_main}[argv[1]]()
 
 
 def cli():

@@ -73,17 +73,19 @@ def import_diffusers_unet(src: str, out: str, *, variant: str | None = None, ite
                                 item=item)
 
 
-def _restore_generator(checkpoint: str, abstract):
+def _restore_generator(checkpoint: str, abstract, prefer: tuple[str, ...] = GENERATOR_ITEMS):
+    """(item name, step, params) of the first item of ``prefer`` the checkpoint holds (default: the EMA
+    generator, else the raw one), checked against ``abstract``'s shapes and restored onto one device."""
     from sfd_jax.checkpoint import Checkpointer, abstract_like, resolve_checkpoint_dir
 
     directory, step = resolve_checkpoint_dir(checkpoint)
     ckpt = Checkpointer(directory)
     step = ckpt._step(step)
     items = ckpt.items(step)
-    name = next((n for n in GENERATOR_ITEMS if n in items), None)
+    name = next((n for n in prefer if n in items), None)
     if name is None:
         raise UsageError(f"checkpoint {directory / str(step)} has no generator item "
-                         f"(expected one of {', '.join(GENERATOR_ITEMS)}; it holds {', '.join(items)})")
+                         f"(expected {' or '.join(prefer)}; it holds {', '.join(items)})")
     saved = jax.tree_util.tree_flatten_with_path(ckpt.item_shapes(name, step))[0]
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     got = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in saved}
