@@ -2,6 +2,7 @@ r"""Time the real jitted train step: images/s, ms/step, FLOPs per image (XLA cos
 
   python -m sfd_jax.bench --config=configs/cifar10_sfd.py --batch=8 --steps=3
   python -m sfd_jax.bench --config=configs/cifar10_train.py --batch=128 --json --config.dtype=bfloat16
+  python -m sfd_jax.bench --config=configs/sd15_celebrity.py --sd_size=sd15 --batch=8   # SD step, see bench_sd
 
 Weights are random (no checkpoint or data needed); the step, shardings and donation are exactly the training
 ones. Timing starts after compilation and blocks on the results of every step. With ``--json`` the last line is
@@ -24,8 +25,12 @@ config_flags.DEFINE_config_file("config", None, "Recipe config (configs/<recipe>
                                 lock_config=False)
 flags.DEFINE_integer("batch", None, "Global batch size (default: the config's training.batch_size).")
 flags.DEFINE_integer("steps", 5, "Timed steps (after one compile + warm-up step).")
-flags.DEFINE_string("mode", None, "sfd | pretrain (default: config.mode).")
+flags.DEFINE_string("mode", None, "sfd | pretrain | sd_sfd (default: config.mode).")
+flags.DEFINE_string("sd_size", "sd15", "sd_sfd: random components of this size (tiny | sd15), or 'model' to load "
+                    "config.sd.model.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU (default: from a table by device kind).")
+flags.DEFINE_bool("compare_precision", False, "sd_sfd: run --steps steps with optim.precision fp32 and "
+                  "fp16_emulated from the same start and report how far they diverge.")
 flags.DEFINE_bool("json", False, "Print the result as one JSON object on the last line.")
 FLAGS = flags.FLAGS
 
@@ -138,16 +143,45 @@ def main(argv):
     if FLAGS.config is None:
         raise UsageError("--config is required (configs/<recipe>.py)")
     mode = FLAGS.mode or FLAGS.config.mode
+    if mode == "sd_sfd":
+        return _main_sd()
     if mode not in ("sfd", "pretrain"):
-        raise UsageError(f"--mode must be sfd or pretrain, got {mode!r}")
+        raise UsageError(f"--mode must be sfd, pretrain or sd_sfd, got {mode!r}")
     if mode == "pretrain" and "optim" not in FLAGS.config:
         raise UsageError("pretrain mode needs a *_train.py config (it has no optim section)")
     if mode == "sfd" and "distill" not in FLAGS.config:
         raise UsageError("sfd mode needs a distillation config (it has no distill section)")
     batch = FLAGS.batch or int(FLAGS.config.training.batch_size)
-    r = bench(FLAGS.config, mode, batch, FLAGS.steps, FLAGS.peak_tflops)
+    _report(bench(FLAGS.config, mode, batch, FLAGS.steps, FLAGS.peak_tflops))
+
+
+def _main_sd():
+    from sfd_jax.bench_sd import bench_sd
+    if FLAGS.sd_size not in ("tiny", "sd15", "model"):
+        raise UsageError(f"--sd_size must be tiny, sd15 or model, got {FLAGS.sd_size!r}")
+    batch = FLAGS.batch or int(FLAGS.config.training.batch)
+    if FLAGS.compare_precision:
+        from sfd_jax.bench_sd import compare_precisions
+        r = compare_precisions(FLAGS.config, batch, FLAGS.steps, FLAGS.sd_size)
+        for p in ("fp32", "fp16_emulated"):
+            for row in r[p]:
+                print(f"{p:>14} step {row['step']}: |dG|/|G| {row['g_rel_change']:.3e}, "
+                      f"|dF|/|F| {row['fake_rel_change']:.3e}, G loss {row['g_remain_loss']:.4g}")
+        print(f"generator change fp16_emulated / fp32: {r['g_change_ratio_fp16_over_fp32']:.3g}; distance between "
+              f"the two generators / fp32 change: {r['g_distance_over_fp32_change']:.3g}")
+        if FLAGS.json:
+            print(json.dumps(r))
+        return
+    _report(bench_sd(FLAGS.config, batch, FLAGS.steps, FLAGS.sd_size, FLAGS.peak_tflops))
+
+
+def _report(r: dict) -> None:
+    batch = r["batch"]
     fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
-    print(f"{r['mode']} step, batch {batch}, {r['dtype']}, {r['devices']} x {r['device_kind']} (mesh {r['mesh']})")
+    extra = (f", {r['sd_size']} components at {r['resolution']} px, micro-batch {r['micro_batch']} x "
+             f"{r['rounds']} rounds" if r["mode"] == "sd_sfd" else "")
+    print(f"{r['mode']} step, batch {batch}, {r['dtype']}, {r['devices']} x {r['device_kind']} (mesh {r['mesh']})"
+          + extra)
     print(f"  {r['step_ms']:.1f} ms/step (min {r['step_ms_min']:.1f}), {r['images_per_s']:.3f} images/s, "
           f"compile {r['compile_s']:.1f} s")
     print(f"  {fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '{:.1f}')} GFLOP/image, "

@@ -2,6 +2,7 @@ r"""Sample images from a class-conditional DDPM or a distilled one-step generato
 
   python -m sfd_jax.sample --checkpoint=RUN_DIR --classes=x0 --n_per_class=100 --out=samples/
   python -m sfd_jax.sample --checkpoint=ckpt-49999.pth --config=configs/cifar10_sfd.py --out=s.npz
+  python -m sfd_jax.sample --checkpoint=SD_RUN --prompt="a photo of a dog" --n_per_class=4 --out=samples/
 
 ``--checkpoint`` is one of our Orbax checkpoints (a workdir, its ``checkpoints/`` or one step directory) or an
 original ``.pth`` (which carries no config: then ``--config`` says the architecture). ``--out X.npz`` writes
@@ -37,6 +38,8 @@ flags.DEFINE_string("out", None, "X.npz for arrays, or a directory for PNGs + gr
 flags.DEFINE_string("noise", None, "Replay initial noise from an .npy [N,H,W,C] float32 (needs --labels or one class).")
 flags.DEFINE_string("labels", None, "Replay labels from an .npy [N] int (overrides --classes/--n_per_class).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("prompt", None, "Stable Diffusion checkpoints: the text prompt (images for seeds --seed ... "
+                    "--seed+--n_per_class-1 go to --out/<prompt>/<seed>.png; see `evaluate prompts`).")
 FLAGS = flags.FLAGS
 
 
@@ -89,6 +92,39 @@ def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[str]
     return written
 
 
+def _is_sd_checkpoint(path: str) -> bool:
+    """True for our checkpoints of an SD run (stored config mode 'sd_sfd', or an imported SD UNet)."""
+    if not os.path.isdir(path):
+        return False
+    from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
+    try:
+        directory, step = resolve_checkpoint_dir(path)
+        ckpt = Checkpointer(directory)
+        meta = ckpt.restore_json("meta", step)
+        return meta.get("mode") == "sd_sfd" or "unet_config" in meta
+    except Exception:  # noqa: BLE001 - not ours or no meta: the DDPM path reports the problem
+        return False
+
+
+def _sample_sd():
+    """A one-step SD generator: ``--prompt`` for seeds seed .. seed + n_per_class - 1 (evaluate prompts' layout)."""
+    import tempfile
+    from sfd_jax.eval.sd_prompts import generate_prompt_images
+    if not FLAGS.prompt:
+        raise UsageError("this is a Stable Diffusion checkpoint: pass --prompt (or use `evaluate prompts`)")
+    if FLAGS.out.endswith(".npz"):
+        raise UsageError("--out must be a directory for Stable Diffusion checkpoints")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(FLAGS.prompt + "\n")
+    try:
+        seeds = list(range(FLAGS.seed, FLAGS.seed + FLAGS.n_per_class))
+        generate_prompt_images(FLAGS.checkpoint, [f.name], seeds, FLAGS.out, weights=FLAGS.weights,
+                               batch=FLAGS.batch or 64, progress=FLAGS.progress)
+    finally:
+        os.unlink(f.name)
+    print(f"wrote {len(seeds)} images to {FLAGS.out}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -105,6 +141,8 @@ def main(argv):
     if not os.path.exists(FLAGS.checkpoint):
         raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist")
 
+    if FLAGS.prompt is not None or _is_sd_checkpoint(FLAGS.checkpoint):
+        return _sample_sd()
     # Heavy imports after the cheap checks.
     from sfd_jax import diffusion, parallel
     from sfd_jax.ddpm_weights import load_network, t_init_of

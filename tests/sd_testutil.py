@@ -1,50 +1,22 @@
 """Tiny random Stable Diffusion pipelines written by diffusers/transformers ``save_pretrained`` (needs torch).
 
 The tokenizer is the real CLIP tokenizer when open-clip-torch is installed (``pip install --no-deps
-open-clip-torch``), else a byte-level CLIP tokenizer without merges (514 tokens) so the pipeline still loads.
+open-clip-torch``), else a byte-level CLIP tokenizer without merges (514 tokens) so the pipeline still loads
+(:func:`sfd_jax.sd_random.write_tokenizer`; the tiny shapes live in :mod:`sfd_jax.sd_random` too).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-TINY_UNET_SD1 = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+from sfd_jax.sd_random import TINY_CLIP, TINY_VAE, write_tokenizer
+from sfd_jax.sd_random import TINY_UNET as TINY_UNET_SD1
+
 TINY_UNET_SD2 = dict(
     TINY_UNET_SD1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
     use_linear_projection=True, upcast_attention=True)
-TINY_VAE = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4,
-                sample_size=16)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=77)
-
-
-def write_tokenizer(folder: str) -> tuple[int, int, int]:
-    """A CLIP tokenizer folder; returns (vocab_size, bos_id, eos_id)."""
-    from sfd_jax import sd_tokenizer
-
-    try:
-        sd_tokenizer.write_clip_tokenizer(folder)
-        return 49408, 49406, 49407
-    except FileNotFoundError:  # open_clip not installed: byte-level vocabulary, no merges
-        chars = list(sd_tokenizer.bytes_to_unicode().values())
-        vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars]
-                                            + [sd_tokenizer.BOS, sd_tokenizer.EOS])}
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w") as f:
-            f.write("#version: 0.2\n")
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"model_max_length": 77, "pad_token": sd_tokenizer.EOS, "bos_token": sd_tokenizer.BOS,
-                       "eos_token": sd_tokenizer.EOS, "unk_token": sd_tokenizer.EOS}, f)
-        return len(vocab), len(vocab) - 2, len(vocab) - 1
 
 
 def _perturb(module, seed: int, scale: float = 0.05):

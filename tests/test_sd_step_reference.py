@@ -184,7 +184,7 @@ def test_fake_score_round_loss_and_gradient_match_reference(setup):
     assert int(aux[3]) == kept_f and int(aux[2]) == M
     np.testing.assert_allclose(float(loss), float(total), rtol=2e-5)
     # Gradients: the NaN sample poisons the same entries in both (then nan_to_num'd by the step): compare after it.
-    from sfd_jax.sfd.sd_step import nan_to_num_grads
+    from sfd_jax.sfd.sd_optim import nan_to_num_grads
     for p in fake_t.parameters():
         if p.grad is not None:
             p.grad = torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)

@@ -8,7 +8,7 @@ A. **Fake-score update** (G frozen). Per accumulation round: *remain* — remain
    output (E1), negatives as unconditional text iff use_neg[0]; *forget* — forget prompts, dropout blanking the
    prompt and its negative, with ``sg_w_override`` + negatives the override prompts replace the forget prompts
    (M1). Per-sample NaN masking; L = Σ_kept Σ_CHW (ε̂ − ε)²·ls / B (global batch B). Gradients are summed over the
-   rounds, ``nan_to_num``'d, and stepped (no clipping unless configured).
+   rounds, ``nan_to_num``'d (:func:`sfd_jax.sfd.sd_optim.nan_to_num_grads`), and stepped (no clipping unless configured).
 B. **Generator update** with the just-updated fake score (E21): fresh remain prompts; SiD loss
    (:func:`sfd_jax.losses.sid_generator_loss`) with the fake score at κ2 and the teacher at κ4 (negatives per
    use_neg[1], use_neg[2]); forget: teacher at the override prompts, fake score at the forget prompts (or the
@@ -36,6 +36,7 @@ import optax
 from sfd_jax.losses import denoising_loss, sid_generator_loss
 from sfd_jax.models.clip_text import text_embeddings
 from sfd_jax.sd_generator import generate_latents, guided_eps
+from sfd_jax.sfd.sd_optim import apply_updates, nan_to_num_grads
 from sfd_jax.sfd.state import SDState
 
 PHASE_KEYS = ("sg_remain", "sg_forget", "g_remain", "g_forget")
@@ -69,7 +70,7 @@ class SDStepSettings:
     dropout_p: float = 0.1
     ema_halflife_kimg: float = 0.0
     ema_rampup: float = 0.05
-    fp16_grads: bool = False    # nan_to_num as on fp16 tensors (±1e5 overflows to ±inf)
+    precision: str = "fp32"     # fp32 | fp16_emulated (fp16 weights, moments, gradients; sd_optim)
 
     @property
     def rounds(self) -> int:
@@ -93,14 +94,7 @@ class SDStepSettings:
                    sg_forget_coef=float(d.sg_forget_coef), g_remain_coef=float(d.g_remain_coef),
                    g_forget_coef=float(d.g_forget_coef), dropout_p=float(d.context_dropout),
                    ema_halflife_kimg=float(t.ema_halflife_kimg), ema_rampup=float(t.ema_rampup),
-                   fp16_grads=config.optim.precision == "fp16_emulated")
-
-
-def nan_to_num_grads(grads, fp16: bool = False):
-    """The original's ``nan_to_num(nan=0, posinf=1e5, neginf=-1e5)`` on every gradient. With ``fp16`` the
-    gradients were fp16 tensors, where ±1e5 is ±inf (seed_facts E5): we reproduce that."""
-    big = jnp.inf if fp16 else 1e5
-    return jax.tree_util.tree_map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=big, neginf=-big), grads)
+                   precision=str(config.optim.precision))
 
 
 def ema_beta(step: jax.Array, batch: int, halflife_kimg: float, rampup: float) -> jax.Array:
@@ -264,15 +258,15 @@ def make_sd_sfd_step(unet, text_encoder, alphas_cumprod, s: SDStepSettings, g_tx
 
         grads, sg_aux = accumulate(sg_round_loss, state.fake_score,
                                    (frozen, jax.lax.stop_gradient(state.generator)), sg_batch, k_sg)
-        grads = nan_to_num_grads(grads, s.fp16_grads)
+        grads = nan_to_num_grads(grads, s.precision)
         updates, sg_opt = sg_tx.update(grads, state.sg_opt, state.fake_score)
-        fake_score = optax.apply_updates(state.fake_score, updates)
+        fake_score = apply_updates(state.fake_score, updates, s.precision)
 
         grads, g_aux = accumulate(g_round_loss, state.generator, (frozen, jax.lax.stop_gradient(fake_score)),
                                   g_batch, k_g)
-        grads = nan_to_num_grads(grads, s.fp16_grads)
+        grads = nan_to_num_grads(grads, s.precision)
         updates, g_opt = g_tx.update(grads, state.g_opt, state.generator)
-        generator = optax.apply_updates(state.generator, updates)
+        generator = apply_updates(state.generator, updates, s.precision)
 
         ema = state.generator_ema
         if ema is not None:

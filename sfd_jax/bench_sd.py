@@ -1,0 +1,128 @@
+"""Time the real jitted Stable Diffusion SFD step on random weights (``python -m sfd_jax.bench`` with an SD recipe).
+
+  python -m sfd_jax.bench --config=configs/sd15_celebrity.py --sd_size=sd15 --batch=8 --config.sd.resolution=512
+  python -m sfd_jax.bench --config=configs/sd15_celebrity.py --sd_size=tiny --config.sd.resolution=16 \
+      --config.dtype=float32 --batch=8
+
+The components are random (:func:`sfd_jax.sd_random.random_components`: ``tiny`` or the real SD 1.5 shapes, 860M-
+parameter UNets) unless ``--config.sd.model`` is given and ``--sd_size=model``; the step, shardings, donation,
+prompt batches and text table are exactly the training ones (:class:`sfd_jax.sd_train_loop.SDTrainer`). One step
+renders ``batch`` images per phase: images/s counts ``batch`` per step, as the original's kimg counter.
+"""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+
+
+def bench_sd(config, batch: int, steps: int, size: str = "sd15", peak_tflops: float | None = None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sfd_jax.bench import _flops, peak_for
+    from sfd_jax.sd_train_loop import SDTrainer
+
+    config.training.batch = batch
+    comps = None
+    if size != "model":
+        from sfd_jax.sd_random import random_components
+        comps = random_components(size, seed=0, dtype=jnp.dtype(config.dtype), tokenizer=True,
+                                  attention_impl=config.sd.attention)
+        if config.sd.remat:
+            comps = comps._replace(unet=comps.unet.clone(remat=True))
+    t0 = time.perf_counter()
+    tr = SDTrainer(config, tempfile.mkdtemp(prefix="sfd_bench_"), components=comps)  # nothing is written to it
+    state, sh, frozen, frozen_sh, txs = tr.build()
+    setup_s = time.perf_counter() - t0
+    step_fn = tr.make_step(sh, frozen_sh, txs)
+    batch_arrays = tr.device_batch(0)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, batch_arrays, tr.root_key).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    state, m = compiled(state, frozen, batch_arrays, tr.root_key)  # warm-up
+    jax.block_until_ready((state, m))
+    times = []
+    for i in range(steps):
+        b = tr.device_batch(i + 1)
+        t0 = time.perf_counter()
+        state, m = compiled(state, frozen, b, tr.root_key)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    dev = jax.devices()[0]
+    n_dev = jax.device_count()
+    peak = peak_tflops if peak_tflops is not None else peak_for(dev.device_kind, config.dtype)
+    achieved = flops / step_s if flops else None
+    stats = dev.memory_stats() or {}
+    s = tr.settings()
+    out = {
+        "mode": "sd_sfd", "sd_size": size, "batch": batch, "micro_batch": s.micro, "rounds": s.rounds,
+        "resolution": int(config.sd.resolution), "dtype": config.dtype, "precision": config.optim.precision,
+        "remat": bool(config.sd.remat), "attention": config.sd.attention, "devices": n_dev,
+        "device_kind": dev.device_kind, "mesh": dict(tr.mesh.shape), "step_ms": 1000 * step_s,
+        "step_ms_min": 1000 * min(times), "images_per_s": batch / step_s, "compile_s": compile_s,
+        "setup_s": setup_s, "flops_per_image": flops / batch if flops else None,
+        "achieved_tflops": achieved / 1e12 if achieved else None, "peak_tflops_per_device": peak,
+        "mfu": (achieved / (peak * 1e12 * n_dev)) if (achieved and peak) else None,
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "losses": {k: float(v) for k, v in m.items()},
+    }
+    if out["peak_memory_bytes"] is None:
+        try:
+            ma = compiled.memory_analysis()
+            out["peak_memory_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
+                                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+        except Exception:  # noqa: BLE001
+            pass
+    if out["peak_memory_bytes"] is not None:
+        out["peak_memory_bytes_per_device"] = out["peak_memory_bytes"] if stats else \
+            out["peak_memory_bytes"] // max(n_dev, 1)
+    return out
+
+
+def compare_precisions(config, batch: int, steps: int, size: str = "tiny") -> dict:
+    """The same run (weights, prompts, random numbers) with ``optim.precision`` fp32 and fp16_emulated: per step,
+    the relative size of each network's change ‖θ_t − θ_0‖ / ‖θ_0‖, and at the end the distance between the two
+    runs' generators relative to the fp32 run's total change. Every other setting (lr, eps, clipping) is the
+    config's."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sfd_jax.sd_train_loop import SDTrainer
+
+    def flat(tree):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+    comps = None
+    if size != "model":
+        from sfd_jax.sd_random import random_components
+        comps = random_components(size, seed=0, dtype=jnp.dtype(config.dtype), tokenizer=True)
+    out, finals = {}, {}
+    for precision in ("fp32", "fp16_emulated"):
+        cfg = copy.deepcopy(config)
+        cfg.training.batch = batch
+        cfg.optim.precision = precision
+        tr = SDTrainer(cfg, tempfile.mkdtemp(prefix="sfd_bench_"), components=comps)
+        state, sh, frozen, frozen_sh, txs = tr.build()
+        g0, f0 = flat(state.generator), flat(state.fake_score)
+        step_fn = tr.make_step(sh, frozen_sh, txs)
+        rows = []
+        for i in range(steps):
+            state, m = step_fn(state, frozen, tr.device_batch(i), tr.root_key)
+            g, f = flat(state.generator), flat(state.fake_score)
+            rows.append({"step": i + 1, "g_rel_change": float(np.linalg.norm(g - g0) / np.linalg.norm(g0)),
+                         "fake_rel_change": float(np.linalg.norm(f - f0) / np.linalg.norm(f0)),
+                         "g_remain_loss": float(m["g_remain_loss"]), "sg_remain_loss": float(m["sg_remain_loss"])})
+        out[precision] = rows
+        finals[precision] = (g0, flat(state.generator))
+    (a0, a), (b0, b) = finals["fp32"], finals["fp16_emulated"]
+    out["g_distance_over_fp32_change"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a - a0), 1e-30))
+    out["g_change_ratio_fp16_over_fp32"] = float(np.linalg.norm(b - b0) / max(np.linalg.norm(a - a0), 1e-30))
+    return out
