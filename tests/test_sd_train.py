@@ -157,7 +157,7 @@ def test_tiny_celebrity_run_end_to_end_resumes_exactly_and_exports(tmp_path, pip
     folders = [d for d in os.listdir(tmp_path / "eval") if os.path.isdir(tmp_path / "eval" / d)]
     assert len(folders) == 6 and all(sorted(os.listdir(tmp_path / "eval" / d)) == ["00000.png", "00001.png"]
                                      for d in folders)
-    sm = run_cli("sfd_jax.sample", f"--checkpoint={wd}", "--prompt=a photo of Brad Pitt", "--n_per_class=2",
+    sm = run_cli("sfd_jax.sample", f"--checkpoint={wd}", "--prompt=a photo of Brad Pitt", "--n_per_class=2", "--seed=0",
                  f"--out={tmp_path / 'sample'}")
     assert sm.returncode == 0, sm.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "sample" / "a photo of Brad Pitt")) == ["00000.png", "00001.png"]
