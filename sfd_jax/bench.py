@@ -34,29 +34,7 @@ flags.DEFINE_bool("compare_precision", False, "sd_sfd: run --steps steps with op
 flags.DEFINE_bool("json", False, "Print the result as one JSON object on the last line.")
 FLAGS = flags.FLAGS
 
-# Dense peak TFLOP/s per device: (bf16, fp32). fp32 on NVIDIA counts TF32 tensor cores (XLA's default precision).
-PEAK_TFLOPS = {
-    "H100": (989.0, 494.0), "H200": (989.0, 494.0), "A100": (312.0, 156.0), "L4": (121.0, 60.0),
-    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0),
-    "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
-}
-
-
-def peak_for(device_kind: str, dtype: str) -> float | None:
-    for key, (bf16, fp32) in PEAK_TFLOPS.items():
-        if key.lower() in device_kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
-
-
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+from sfd_jax.perf import compiled_flops, peak_for  # shared with bench_sd
 
 
 def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None = None) -> dict:
@@ -99,7 +77,7 @@ def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None =
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, *args, tr.root_key).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
+    flops = compiled_flops(compiled)
     state, m = compiled(state, *args, tr.root_key)          # warm-up
     jax.block_until_ready((state, m))
     times = []
