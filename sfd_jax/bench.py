@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -34,7 +33,7 @@ flags.DEFINE_bool("compare_precision", False, "sd_sfd: run --steps steps with op
 flags.DEFINE_bool("json", False, "Print the result as one JSON object on the last line.")
 FLAGS = flags.FLAGS
 
-from sfd_jax.perf import compiled_flops, peak_for  # shared with bench_sd
+from sfd_jax.perf import compiled_flops, measure
 
 
 def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None = None) -> dict:
@@ -77,42 +76,10 @@ def bench(config, mode: str, batch: int, steps: int, peak_tflops: float | None =
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, *args, tr.root_key).compile()
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
-    state, m = compiled(state, *args, tr.root_key)          # warm-up
-    jax.block_until_ready((state, m))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, *args, tr.root_key)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    dev = jax.devices()[0]
-    n_dev = jax.device_count()
-    peak = peak_tflops if peak_tflops is not None else peak_for(dev.device_kind, config.dtype)
-    achieved = flops / step_s if flops else None  # flops of the whole (global) step
-    stats = dev.memory_stats() or {}
-    out = {
-        "mode": mode, "batch": batch, "dtype": config.dtype, "devices": n_dev, "device_kind": dev.device_kind,
-        "mesh": dict(tr.mesh.shape), "step_ms": 1000 * step_s, "step_ms_min": 1000 * min(times),
-        "images_per_s": batch / step_s, "compile_s": compile_s,
-        "flops_per_image": flops / batch if flops else None,
-        "achieved_tflops": achieved / 1e12 if achieved else None,
-        "peak_tflops_per_device": peak,
-        "mfu": (achieved / (peak * 1e12 * n_dev)) if (achieved and peak) else None,
-        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
-        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "losses": {k: float(v) for k, v in m.items()},
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    if out["peak_memory_bytes"] is None:   # CPU: no allocator statistics; report XLA's buffer plan instead
-        try:
-            ma = compiled.memory_analysis()
-            out["peak_memory_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
-                                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
-        except Exception:  # noqa: BLE001
-            pass
-    return out
+    r = measure(compiled, state, lambda i: (*args, tr.root_key), steps, batch=batch, dtype=config.dtype,
+                flops=compiled_flops(compiled), peak_tflops=peak_tflops)
+    return {"mode": mode, "batch": batch, "dtype": config.dtype, "mesh": dict(tr.mesh.shape),
+            "compile_s": compile_s, **r, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv):

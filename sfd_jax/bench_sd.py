@@ -11,7 +11,6 @@ renders ``batch`` images per phase: images/s counts ``batch`` per step, as the o
 """
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 
@@ -19,9 +18,8 @@ import time
 def bench_sd(config, batch: int, steps: int, size: str = "sd15", peak_tflops: float | None = None) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from sfd_jax.perf import compiled_flops, peak_for
+    from sfd_jax.perf import compiled_flops, measure
     from sfd_jax.sd_train_loop import SDTrainer
 
     config.training.batch = batch
@@ -46,45 +44,17 @@ def bench_sd(config, batch: int, steps: int, size: str = "sd15", peak_tflops: fl
         # XLA counts a loop body once: the accumulation scan runs it `rounds` times (the optimizer update, outside
         # the loop, is then over-counted, by well under 1% for SD 1.5)
         flops *= tr.settings().rounds
-    state, m = compiled(state, frozen, batch_arrays, tr.root_key)  # warm-up
-    jax.block_until_ready((state, m))
-    times = []
-    for i in range(steps):
-        b = tr.device_batch(i + 1)
-        t0 = time.perf_counter()
-        state, m = compiled(state, frozen, b, tr.root_key)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    dev = jax.devices()[0]
-    n_dev = jax.device_count()
-    peak = peak_tflops if peak_tflops is not None else peak_for(dev.device_kind, config.dtype)
-    achieved = flops / step_s if flops else None
-    stats = dev.memory_stats() or {}
     s = tr.settings()
-    out = {
-        "mode": "sd_sfd", "sd_size": size, "batch": batch, "micro_batch": s.micro, "rounds": s.rounds,
-        "resolution": int(config.sd.resolution), "dtype": config.dtype, "precision": config.optim.precision,
-        "remat": bool(config.sd.remat), "attention": config.sd.attention, "devices": n_dev,
-        "device_kind": dev.device_kind, "mesh": dict(tr.mesh.shape), "step_ms": 1000 * step_s,
-        "step_ms_min": 1000 * min(times), "images_per_s": batch / step_s, "compile_s": compile_s,
-        "setup_s": setup_s, "flops_per_image": flops / batch if flops else None,
-        "achieved_tflops": achieved / 1e12 if achieved else None, "peak_tflops_per_device": peak,
-        "mfu": (achieved / (peak * 1e12 * n_dev)) if (achieved and peak) else None,
-        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
-        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "losses": {k: float(v) for k, v in m.items()},
-    }
-    if out["peak_memory_bytes"] is None:
-        try:
-            ma = compiled.memory_analysis()
-            out["peak_memory_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
-                                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
-        except Exception:  # noqa: BLE001
-            pass
-    if out["peak_memory_bytes"] is not None:
-        out["peak_memory_bytes_per_device"] = out["peak_memory_bytes"] if stats else \
-            out["peak_memory_bytes"] // max(n_dev, 1)
+    r = measure(compiled, state, lambda i: (frozen, tr.device_batch(i), tr.root_key), steps, batch=batch,
+                dtype=config.dtype, flops=flops, peak_tflops=peak_tflops)
+    out = {"mode": "sd_sfd", "sd_size": size, "batch": batch, "micro_batch": s.micro, "rounds": s.rounds,
+           "resolution": int(config.sd.resolution), "dtype": config.dtype, "precision": config.optim.precision,
+           "remat": bool(config.sd.remat), "attention": config.sd.attention, "mesh": dict(tr.mesh.shape),
+           "compile_s": compile_s, "setup_s": setup_s, **r}
+    if out["peak_memory_bytes"] is not None and jax.devices()[0].memory_stats() is None:
+        out["peak_memory_bytes_per_device"] = out["peak_memory_bytes"] // max(jax.device_count(), 1)
+    else:
+        out["peak_memory_bytes_per_device"] = out["peak_memory_bytes"]
     return out
 
 

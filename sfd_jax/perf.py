@@ -25,3 +25,50 @@ def compiled_flops(compiled) -> float | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def measure(compiled, state, args_for_step, steps: int, *, batch: int, dtype: str, flops: float | None,
+            peak_tflops: float | None = None) -> dict:
+    """Warm up, then time ``steps`` calls ``state, metrics = compiled(state, *args_for_step(i))`` (blocking on
+    each; argument preparation is not timed). Returns ms/step, images/s, FLOPs per image, achieved TFLOP/s, MFU
+    against ``peak_tflops`` (default: :func:`peak_for` the device), peak device memory (on CPU: XLA's buffer
+    plan of ``compiled``), host peak RSS and the last step's metrics."""
+    import resource
+    import time
+
+    import jax
+    import numpy as np
+
+    state, m = compiled(state, *args_for_step(0))
+    jax.block_until_ready((state, m))
+    times = []
+    for i in range(steps):
+        args = args_for_step(i + 1)
+        t0 = time.perf_counter()
+        state, m = compiled(state, *args)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    dev = jax.devices()[0]
+    n_dev = jax.device_count()
+    peak = peak_tflops if peak_tflops is not None else peak_for(dev.device_kind, dtype)
+    achieved = flops / step_s if flops else None   # flops of the whole (global) step
+    stats = dev.memory_stats() or {}
+    out = {
+        "devices": n_dev, "device_kind": dev.device_kind, "step_ms": 1000 * step_s,
+        "step_ms_min": 1000 * min(times), "images_per_s": batch / step_s,
+        "flops_per_image": flops / batch if flops else None,
+        "achieved_tflops": achieved / 1e12 if achieved else None, "peak_tflops_per_device": peak,
+        "mfu": (achieved / (peak * 1e12 * n_dev)) if (achieved and peak) else None,
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "losses": {k: float(v) for k, v in m.items()},
+    }
+    if out["peak_memory_bytes"] is None:   # CPU: no allocator statistics; report XLA's buffer plan instead
+        try:
+            ma = compiled.memory_analysis()
+            out["peak_memory_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
+                                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+        except Exception:  # noqa: BLE001
+            pass
+    return out

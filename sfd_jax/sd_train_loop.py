@@ -12,7 +12,6 @@ so a resumed run continues the schedule (the original restarted it).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -24,24 +23,22 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sfd_jax import parallel
-from sfd_jax.checkpoint import Checkpointer, config_from_json
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.sfd.sd_task import SDPrompts, micro_batch, validate_sd_config
 from sfd_jax.sfd.state import SDState, state_from_items, state_items
+from sfd_jax.run_dir import RunDir, with_shardings
 from sfd_jax.train_log import MetricsLogger
 
 SPECIAL_SNAPSHOT_TICKS = frozenset({2, 4} | set(range(10, 101, 10)))
-_SAME_RECIPE_KEYS = ("mode", "sd.resolution", "sd.model")
 
 
-class SDTrainer:
+class SDTrainer(RunDir):
     """One SD SFD run in ``workdir`` (created or resumed)."""
+    SAME_RECIPE_KEYS = ("mode", "sd.resolution", "sd.model")
 
     def __init__(self, config, workdir: str, *, components=None):
         validate_sd_config(config)
-        self.config = config
-        self.workdir = os.path.abspath(workdir)
-        self.is_main = jax.process_index() == 0
+        self._init_run_dir(config, workdir)
         self.mesh = parallel.mesh_from_config(config)
         self.shards = parallel.batch_divisor(self.mesh)
         self.micro = micro_batch(config, self.shards)
@@ -50,27 +47,14 @@ class SDTrainer:
         self.min_size = parallel.fsdp_min_size(config)
         self.repl = parallel.replicated(self.mesh)
         self.root_key = jax.random.key(int(config.seed))
-        self._check_workdir()
         self.prompts = SDPrompts(config, warn=self._warn)
         self.comps = components if components is not None else self._load_components()
         self._check_components()
-        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        self.ckpt = None
 
     # ----------------------------------------------------------------------------------------- set-up
     def _warn(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
-
-    def _check_workdir(self) -> None:
-        path = os.path.join(self.workdir, "config.json")
-        if os.path.exists(path):
-            saved = config_from_json(json.load(open(path)))
-            for key in _SAME_RECIPE_KEYS:
-                a, b = _get(saved, key), _get(self.config, key)
-                if a != b:
-                    raise UsageError(f"workdir {self.workdir} holds a run with a different {key} ({a!r} vs {b!r}); "
-                                     "use a new --workdir")
 
     def _load_components(self):
         from sfd_jax.sd import load_components
@@ -90,24 +74,6 @@ class SDTrainer:
             raise UsageError(f"sd.resolution={res} must be a multiple of {unit} for this model")
         self.latent_shape = (res // factor, res // factor, int(c.unet.in_channels))
         self.alphas_cumprod = np.asarray(c.schedule.alphas_cumprod, np.float32)
-
-    def _open_checkpointer(self) -> Checkpointer:
-        if self.ckpt is None:
-            t = self.config.training
-            self.ckpt = Checkpointer(self.ckpt_dir, max_to_keep=int(t.max_to_keep) or None,
-                                     async_save=bool(t.async_checkpoints))
-        return self.ckpt
-
-    def latest_step(self) -> int | None:
-        if not os.path.isdir(self.ckpt_dir) or not any(n.isdigit() for n in os.listdir(self.ckpt_dir)):
-            return None
-        return self._open_checkpointer().latest_step()
-
-    def write_config(self) -> None:
-        if self.is_main:
-            os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(self.config.to_json(indent=2))
 
     def tokenize(self, prompts) -> np.ndarray:
         from sfd_jax.sd_tokenizer import tokenize
@@ -179,7 +145,7 @@ class SDTrainer:
         else:
             abstract = SDState(step=None, generator=shapes, generator_ema=shapes if use_ema else None,
                                fake_score=shapes, g_opt=g_opt_abs, sg_opt=sg_opt_abs)
-            targets = {k: _with_shardings(v, getattr(sh, k)) for k, v in state_items(abstract).items()}
+            targets = {k: with_shardings(v, getattr(sh, k)) for k, v in state_items(abstract).items()}
             items = self._open_checkpointer().restore(targets, resume)
             state = state_from_items("sd_sfd", resume, items)
             state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
@@ -193,7 +159,7 @@ class SDTrainer:
         encode = jax.jit(lambda p, ids: text_embeddings(te, p, ids), out_shardings=self.repl)
         ids = self.tokenize(self.prompts.strings)
         chunk = 64
-        parts = [encode(te_params, jnp.asarray(ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
+        parts = [encode(te_params, ids[i:i + chunk]) for i in range(0, len(ids), chunk)]  # numpy: same on all hosts
         return jax.device_put(jnp.concatenate(parts), self.repl)
 
     # -------------------------------------------------------------------------------------------- step
@@ -238,7 +204,7 @@ class SDTrainer:
         pad = -n % chunk
         ids = self.tokenize(strings + [""] * pad)
         key = jax.random.key(int(t.grid_seed))
-        z_all = jax.random.normal(key, (n + pad,) + self.latent_shape, jnp.float32)
+        z_all = np.asarray(jax.random.normal(key, (n + pad,) + self.latent_shape, jnp.float32))
         if getattr(self, "_grid_fn", None) is None:
             unet, te, vae, ac = self.comps.unet, self.comps.text_encoder, self.comps.vae, self.alphas_cumprod
             t_init = int(self.config.distill.init_timestep)
@@ -254,9 +220,9 @@ class SDTrainer:
             imgs = []
             for i in range(0, n + pad, chunk):
                 out = self._grid_fn(params, frozen["text_encoder"], self._vae_params,
-                                    jax.device_put(jnp.asarray(ids[i:i + chunk]), micro_sh),
-                                    jax.device_put(z_all[i:i + chunk], micro_sh), jax.random.fold_in(key, i), int(k))
-                imgs.append(np.asarray(jax.device_get(out)))
+                                    _global(ids[i:i + chunk], micro_sh), _global(z_all[i:i + chunk], micro_sh),
+                                    jax.random.fold_in(key, i), int(k))
+                imgs.append(_gather(out))
             if self.is_main:
                 os.makedirs(out_dir, exist_ok=True)
                 save_grid(np.concatenate(imgs)[:n], os.path.join(out_dir, f"fakes_{tag}_{int(k)}.png"),
@@ -335,12 +301,15 @@ class SDTrainer:
         return state
 
 
-def _with_shardings(tree, shardings):
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _global(x: np.ndarray, sharding):
+    """A global array from a host array every process holds in full."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def _get(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if hasattr(node, "get") else None
-    return node
+def _gather(x) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -2,7 +2,6 @@
 sample grids and preemption. The math lives in :mod:`sfd_jax.sfd.step`; this file only drives it."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -14,10 +13,10 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sfd_jax import diffusion, parallel
-from sfd_jax.checkpoint import Checkpointer, config_from_json
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.models.ddpm_unet import ConditionalUNet
 from sfd_jax.sfd.state import (PretrainState, SFDState, make_optimizer, state_from_items, state_items)
+from sfd_jax.run_dir import RunDir, with_shardings
 from sfd_jax.train_log import MetricsLogger
 
 
@@ -33,14 +32,15 @@ def early_stage_steps(snapshot_freq: int, n_intervals: int) -> set[int]:
     return {int(v) for v in np.exp(np.linspace(lg // n_intervals, lg, n_intervals)).astype(np.int64)[:-1]}
 
 
-class Trainer:
+class Trainer(RunDir):
     """One training run in ``workdir`` (created or resumed)."""
+    SAME_RECIPE_KEYS = ("mode", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
+                        "model.in_channels", "model.out_ch", "model.resamp_with_conv", "data.image_size",
+                        "data.n_classes")
 
     def __init__(self, config, workdir: str):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
         self.mode = config.mode
-        self.is_main = jax.process_index() == 0
         self.mesh = parallel.mesh_from_config(config)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.min_size = parallel.fsdp_min_size(config)
@@ -52,41 +52,7 @@ class Trainer:
         self.model = ConditionalUNet.from_config(config)
         _, self.alphas_cumprod = diffusion.schedule_from_config(config)
         self.root_key = jax.random.key(int(config.seed))
-        self._check_workdir()
-        self.ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        self.ckpt = None  # created once the run is known to start: a failed start writes nothing
-
-    def _open_checkpointer(self) -> Checkpointer:
-        if self.ckpt is None:
-            c = self.config.training
-            self.ckpt = Checkpointer(self.ckpt_dir, max_to_keep=int(c.max_to_keep) or None,
-                                     async_save=bool(c.async_checkpoints))
-        return self.ckpt
-
-    def latest_step(self) -> int | None:
-        if not os.path.isdir(self.ckpt_dir) or not any(n.isdigit() for n in os.listdir(self.ckpt_dir)):
-            return None
-        return self._open_checkpointer().latest_step()
-
-    # ------------------------------------------------------------------------------------------- workdir
-    def _check_workdir(self) -> None:
-        """A workdir of another recipe is refused before anything is written (:meth:`write_config` writes)."""
-        path = os.path.join(self.workdir, "config.json")
-        if os.path.exists(path):
-            saved = config_from_json(json.load(open(path)))
-            for key in ("mode", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-                        "model.in_channels", "model.out_ch", "model.resamp_with_conv", "data.image_size",
-                        "data.n_classes"):
-                a, b = _get(saved, key), _get(self.config, key)
-                if json.dumps(_plain(a), sort_keys=True) != json.dumps(_plain(b), sort_keys=True):
-                    raise UsageError(f"workdir {self.workdir} holds a run with a different {key} "
-                                     f"({_plain(a)} vs {_plain(b)}); use a new --workdir")
-
-    def write_config(self) -> None:
-        if self.is_main:
-            os.makedirs(self.workdir, exist_ok=True)
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(self.config.to_json(indent=2))
+        self._init_run_dir(config, workdir)
 
     # --------------------------------------------------------------------------------------------- state
     def _param_shardings(self):
@@ -138,7 +104,7 @@ class Trainer:
             abstract = PretrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, ema=shapes, opt=opt_abs)
             txs = (tx,)
         if resume is not None:
-            targets = {k: _with_shardings(v, s) for (k, v), s in
+            targets = {k: with_shardings(v, s) for (k, v), s in
                        zip(state_items(abstract).items(), state_items(sh).values())}
             items = self._open_checkpointer().restore(targets, resume)
             state = state_from_items(self.mode, resume, items)
@@ -283,20 +249,3 @@ class Trainer:
         stream = BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
                                          process_count=jax.process_count())
         return prefetch(stream.iterate(start), size=2, to_device=device_put_fn(self.batch_sharding))
-
-
-def _with_shardings(tree, shardings):
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _get(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if hasattr(node, "get") else None
-    return node
-
-
-def _plain(v):
-    if hasattr(v, "to_dict"):
-        v = v.to_dict()
-    return json.loads(json.dumps(v, default=str))

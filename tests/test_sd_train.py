@@ -38,29 +38,57 @@ def _run_steps(out, pipeline, devices, *args):
     return np.load(out)
 
 
+def _compare(a, b):
+    """Losses (columns: g_forget, g_nan_dropped, g_remain, sg_forget, sg_nan_dropped, sg_remain; the SiD loss
+    multiplies differences of nearly equal network outputs, which amplifies fp32 rounding of another reduction
+    order), parameters to 1e-5, Adam moments relative to their largest entry. Returns the number of leaves with
+    >= 4096 entries."""
+    np.testing.assert_allclose(a["losses"][:, 3:], b["losses"][:, 3:], rtol=2e-5)
+    np.testing.assert_allclose(a["losses"][:, :3], b["losses"][:, :3], rtol=5e-4)
+    assert np.all(np.isfinite(a["losses"]))
+    large = 0
+    for k in a.files:
+        if not k.startswith("param"):
+            continue
+        if ".mu" in k or ".nu" in k:
+            assert np.abs(a[k] - b[k]).max() <= 1e-3 * max(np.abs(a[k]).max(), 1e-12), k
+        else:
+            assert np.abs(a[k] - b[k]).max() <= 1e-5, (k, np.abs(a[k] - b[k]).max())
+        large += np.prod(a[k].shape) >= 4096
+    return large
+
+
 def test_same_steps_on_1_and_8_devices_with_fsdp(tmp_path, pipeline):
     a = _run_steps(tmp_path / "one.npz", pipeline, 1)
     b = _run_steps(tmp_path / "eight.npz", pipeline, 8, "--data=2", "--fsdp=4")
     assert int(b["n_devices"]) == 8
-    # columns: g_forget, g_nan_dropped, g_remain, sg_forget, sg_nan_dropped, sg_remain. The SiD loss multiplies
-    # differences of nearly equal network outputs, which amplifies fp32 rounding of the other reduction order.
-    np.testing.assert_allclose(a["losses"][:, 3:], b["losses"][:, 3:], rtol=2e-5)
-    np.testing.assert_allclose(a["losses"][:, :3], b["losses"][:, :3], rtol=5e-4)
-    kind = lambda k: ".mu" if ".mu" in k or "m'" in k else ".nu" if ".nu" in k or "v'" in k else None  # noqa: E731
-    sharded = 0
-    for k in a.files:
-        if not k.startswith("param"):
-            continue
-        if kind(k) is None and "count" not in k:
-            assert np.abs(a[k] - b[k]).max() <= 1e-5, (k, np.abs(a[k] - b[k]).max())
-        else:   # Adam moments: gradient statistics, compared relative to their largest entry
-            assert np.abs(a[k] - b[k]).max() <= 1e-3 * max(np.abs(a[k]).max(), 1e-12), k
-        full = a[k].shape
-        if np.prod(full) >= 4096:
-            assert np.prod(b["shard" + k[5:]]) * 4 == np.prod(full), (k, full, b["shard" + k[5:]])
-            sharded += 1
-    assert sharded > 50
-    assert np.all(np.isfinite(a["losses"]))
+    assert _compare(a, b) > 50
+    for k in a.files:   # every large array of the state holds 1/4 per device
+        if k.startswith("param") and np.prod(a[k].shape) >= 4096:
+            assert np.prod(b["shard" + k[5:]]) * 4 == np.prod(a[k].shape), (k, a[k].shape, b["shard" + k[5:]])
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tmp_path, pipeline):
+    """2 jax.distributed processes x 2 devices: every host builds its slice of each prompt micro-batch."""
+    a = _run_steps(tmp_path / "single.npz", pipeline, 4, "--data=2", "--fsdp=2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
+               RUN_STEPS_WORKDIR=str(tmp_path / "wd"))
+    procs = [subprocess.Popen([sys.executable, SCRIPT, str(tmp_path / "multi.npz"), pipeline, "--data=2",
+                               "--fsdp=2"], env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
+    _compare(a, np.load(tmp_path / "multi.npz"))
 
 
 def test_gradient_accumulation_sums_the_rounds(pipeline):
@@ -191,3 +219,14 @@ def test_empty_prompt_file_and_unmatched_concept(tmp_path, pipeline):
     prompts = SDPrompts(cfg, warn=shown.append)
     assert len(shown) == 1 and "matches nothing in 50 forget prompt(s)" in shown[0] and "Brad Pitt" in shown[0]
     assert len(prompts.strings) > 50
+
+
+@pytest.mark.slow
+def test_bench_reports_the_sd_step(tmp_path):
+    proc = run_cli("sfd_jax.bench", "--config=configs/sd15_celebrity.py", "--sd_size=tiny",
+                   "--config.sd.resolution=16", "--config.dtype=float32", "--batch=4", "--steps=1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(last_line(proc.stdout))
+    assert r["mode"] == "sd_sfd" and r["batch"] == 4 and r["rounds"] == 4 and r["micro_batch"] == 1
+    assert r["images_per_s"] > 0 and r["flops_per_image"] > 0 and r["peak_memory_bytes_per_device"] > 0
+    assert set(r["losses"]) >= {"sg_remain_loss", "sg_forget_loss", "g_remain_loss", "g_forget_loss"}

@@ -94,7 +94,7 @@ def _restore_generator(checkpoint: str, abstract, prefer: tuple[str, ...] = GENE
             raise dw.WeightsMismatchError(
                 f"checkpoint item {name!r} does not fit the base UNet config: {key} is "
                 f"{got.get(key, 'absent')} in the checkpoint, {want.get(key, 'absent')} in the base")
-    target = abstract_like(abstract, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = abstract_like(abstract, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     return name, step, ckpt.restore({name: target}, step)[name]
 
 

@@ -23,8 +23,11 @@ def main():
     ap.add_argument("--precision", default="fp32")
     a = ap.parse_args()
 
+    from sfd_jax import parallel
+    parallel.maybe_initialize_distributed()
     import jax
     import numpy as np
+    from jax.experimental import multihost_utils
 
     from sfd_jax.config_sd import tiny_sd_overrides
     from sfd_jax.sd_train_loop import SDTrainer
@@ -36,7 +39,7 @@ def main():
     cfg.training.ema_halflife_kimg = 0.5
     cfg.optim.precision = a.precision
     cfg.optim.eps = 1e-4  # near-zero gradients would make ±lr steps whose sign is rounding noise
-    tr = SDTrainer(cfg, tempfile.mkdtemp())
+    tr = SDTrainer(cfg, os.environ.get("RUN_STEPS_WORKDIR") or tempfile.mkdtemp())
     state, sh, frozen, frozen_sh, txs = tr.build()
     step = tr.make_step(sh, frozen_sh, txs)
     losses = []
@@ -50,9 +53,10 @@ def main():
          "g_opt": state.g_opt, "sg_opt": state.sg_opt})[0]
     for kp, leaf in flat:
         name = jax.tree_util.keystr(kp)
-        out["param" + name] = np.asarray(jax.device_get(leaf)).astype(np.float32)
+        out["param" + name] = np.asarray(multihost_utils.process_allgather(leaf, tiled=True)).astype(np.float32)
         out["shard" + name] = np.array(leaf.addressable_shards[0].data.shape)
-    np.savez(a.out, **out)
+    if jax.process_index() == 0:
+        np.savez(a.out, **out)
 
 
 if __name__ == "__main__":
