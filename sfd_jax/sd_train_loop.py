@@ -3,7 +3,8 @@ state, the jitted step (:mod:`sfd_jax.sfd.sd_step`), kimg ticks, logs, grids, Or
 
 Workdir layout (as DDPM): ``config.json``, ``checkpoints/<step>/`` (items generator, generator_ema (if EMA),
 fake_score, g_opt, sg_opt, config, meta), ``metrics.jsonl`` + ``tb/`` (one record per tick), ``samples/``
-(``fakes_init_{k}.png`` and ``fakes_{nimg:09d}_{k}.png``, nimg = images seen, for k generator steps in ``training.grid_steps``).
+(``fakes_init_{k}.png`` and ``fakes_{nimg:09d}_{k}.png``, nimg = images seen, for k generator steps in
+``training.grid_steps``).
 
 Schedule (seed_facts §2.5): ``nimg = step·batch``; a tick after the first iteration and then every
 ``tick_kimg``; at snapshot ticks (``tick % snap_ticks == 0``, ticks 2, 4, 10, 20, ..., 100, and the end) grids and a
