@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.sd_testutil import make_pipeline, nchw, nhwc
+from tests.sd_testutil import make_pipeline, nchw
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
