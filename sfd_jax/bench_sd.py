@@ -15,23 +15,28 @@ import tempfile
 import time
 
 
+def _components(config, size: str):
+    """Random components of ``size`` (tiny | sd15), or None for 'model' (the trainer loads config.sd.model)."""
+    if size == "model":
+        return None
+    import jax.numpy as jnp
+
+    from sfd_jax.sd_random import random_components
+    comps = random_components(size, seed=0, dtype=jnp.dtype(config.dtype), tokenizer=True,
+                              attention_impl=config.sd.attention)
+    return comps._replace(unet=comps.unet.clone(remat=True)) if config.sd.remat else comps
+
+
 def bench_sd(config, batch: int, steps: int, size: str = "sd15", peak_tflops: float | None = None) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from sfd_jax.perf import compiled_flops, measure
     from sfd_jax.sd_train_loop import SDTrainer
 
     config.training.batch = batch
-    comps = None
-    if size != "model":
-        from sfd_jax.sd_random import random_components
-        comps = random_components(size, seed=0, dtype=jnp.dtype(config.dtype), tokenizer=True,
-                                  attention_impl=config.sd.attention)
-        if config.sd.remat:
-            comps = comps._replace(unet=comps.unet.clone(remat=True))
     t0 = time.perf_counter()
-    tr = SDTrainer(config, tempfile.mkdtemp(prefix="sfd_bench_"), components=comps)  # nothing is written to it
+    tr = SDTrainer(config, tempfile.mkdtemp(prefix="sfd_bench_"),   # nothing is written to it
+                   components=_components(config, size))
     state, sh, frozen, frozen_sh, txs = tr.build()
     setup_s = time.perf_counter() - t0
     step_fn = tr.make_step(sh, frozen_sh, txs)
@@ -40,11 +45,11 @@ def bench_sd(config, batch: int, steps: int, size: str = "sd15", peak_tflops: fl
     compiled = step_fn.lower(state, frozen, batch_arrays, tr.root_key).compile()
     compile_s = time.perf_counter() - t0
     flops = compiled_flops(compiled)
-    if flops and tr.settings().rounds > 1:
+    s = tr.step_settings
+    if flops and s.rounds > 1:
         # XLA counts a loop body once: the accumulation scan runs it `rounds` times (the optimizer update, outside
         # the loop, is then over-counted, by well under 1% for SD 1.5)
-        flops *= tr.settings().rounds
-    s = tr.settings()
+        flops *= s.rounds
     r = measure(compiled, state, lambda i: (frozen, tr.device_batch(i), tr.root_key), steps, batch=batch,
                 dtype=config.dtype, flops=flops, peak_tflops=peak_tflops)
     out = {"mode": "sd_sfd", "sd_size": size, "batch": batch, "micro_batch": s.micro, "rounds": s.rounds,
@@ -66,7 +71,6 @@ def compare_precisions(config, batch: int, steps: int, size: str = "tiny") -> di
     import copy
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from sfd_jax.sd_train_loop import SDTrainer
@@ -74,10 +78,7 @@ def compare_precisions(config, batch: int, steps: int, size: str = "tiny") -> di
     def flat(tree):
         return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree)])
 
-    comps = None
-    if size != "model":
-        from sfd_jax.sd_random import random_components
-        comps = random_components(size, seed=0, dtype=jnp.dtype(config.dtype), tokenizer=True)
+    comps = _components(config, size)
     out, finals = {}, {}
     for precision in ("fp32", "fp16_emulated"):
         cfg = copy.deepcopy(config)

@@ -108,20 +108,14 @@ def _is_sd_checkpoint(path: str) -> bool:
 
 def _sample_sd():
     """A one-step SD generator: ``--prompt`` for seeds seed .. seed + n_per_class - 1 (evaluate prompts' layout)."""
-    import tempfile
     from sfd_jax.eval.sd_prompts import generate_prompt_images
     if not FLAGS.prompt:
         raise UsageError("this is a Stable Diffusion checkpoint: pass --prompt (or use `evaluate prompts`)")
     if FLAGS.out.endswith(".npz"):
         raise UsageError("--out must be a directory for Stable Diffusion checkpoints")
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(FLAGS.prompt + "\n")
-    try:
-        seeds = list(range(FLAGS.seed, FLAGS.seed + FLAGS.n_per_class))
-        generate_prompt_images(FLAGS.checkpoint, [f.name], seeds, FLAGS.out, weights=FLAGS.weights,
-                               batch=FLAGS.batch or 64, progress=FLAGS.progress)
-    finally:
-        os.unlink(f.name)
+    seeds = list(range(FLAGS.seed, FLAGS.seed + FLAGS.n_per_class))
+    generate_prompt_images(FLAGS.checkpoint, [], seeds, FLAGS.out, prompts=[FLAGS.prompt], weights=FLAGS.weights,
+                           batch=FLAGS.batch or 64, progress=FLAGS.progress)
     print(f"wrote {len(seeds)} images to {FLAGS.out}")
 
 

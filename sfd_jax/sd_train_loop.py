@@ -51,6 +51,12 @@ class SDTrainer(RunDir):
         self.prompts = SDPrompts(config, warn=self._warn)
         self.comps = components if components is not None else self._load_components()
         self._check_components()
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from sfd_jax.sfd.sd_step import SDStepSettings
+        self.step_settings = SDStepSettings.from_config(config, micro=self.micro, latent_shape=self.latent_shape,
+                                                        has_neg=self.prompts.has_neg, n_neg=len(self.prompts.neg))
+        self.rounds_sharding = NamedSharding(self.mesh, P(None, parallel.BATCH_AXES))  # [R, M, ...] batch arrays
+        self.micro_sharding = parallel.batch_sharding(self.mesh)                      # [M, ...] arrays
 
     # ----------------------------------------------------------------------------------------- set-up
     def _warn(self, msg: str) -> None:
@@ -165,31 +171,23 @@ class SDTrainer(RunDir):
 
     # -------------------------------------------------------------------------------------------- step
     def settings(self):
-        from sfd_jax.sfd.sd_step import SDStepSettings
-        return SDStepSettings.from_config(self.config, micro=self.micro, latent_shape=self.latent_shape,
-                                          has_neg=self.prompts.has_neg, n_neg=len(self.prompts.neg))
-
-    def batch_shardings(self):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        rounds_ids = NamedSharding(self.mesh, P(None, parallel.BATCH_AXES))
-        return rounds_ids, parallel.batch_sharding(self.mesh)
+        """The step's static settings (:class:`sfd_jax.sfd.sd_step.SDStepSettings`)."""
+        return self.step_settings
 
     def make_step(self, sh, frozen_sh, txs):
         from sfd_jax.sfd.sd_step import make_sd_sfd_step
-        rounds_sh, micro_sh = self.batch_shardings()
-        fn = make_sd_sfd_step(self.comps.unet, self.comps.text_encoder, self.alphas_cumprod, self.settings(), *txs,
-                              micro_sharding=micro_sh)
-        return jax.jit(fn, in_shardings=(sh, frozen_sh, rounds_sh, self.repl), out_shardings=(sh, self.repl),
+        fn = make_sd_sfd_step(self.comps.unet, self.comps.text_encoder, self.alphas_cumprod, self.step_settings,
+                              *txs, micro_sharding=self.micro_sharding)
+        return jax.jit(fn, in_shardings=(sh, frozen_sh, self.rounds_sharding, self.repl),
+                       out_shardings=(sh, self.repl),
                        donate_argnums=(0,))
 
     def device_batch(self, step: int) -> dict:
-        s = self.settings()
-        host = self.prompts.host_batch(step, s.rounds, self.micro, self.tokenize, jax.process_index(),
-                                       jax.process_count())
-        rounds_sh, _ = self.batch_shardings()
+        host = self.prompts.host_batch(step, self.step_settings.rounds, self.micro, self.tokenize,
+                                       jax.process_index(), jax.process_count())
         if jax.process_count() == 1:
-            return {k: jax.device_put(v, rounds_sh) for k, v in host.items()}
-        return {k: jax.make_array_from_process_local_data(rounds_sh, v) for k, v in host.items()}
+            return {k: jax.device_put(v, self.rounds_sharding) for k, v in host.items()}
+        return {k: jax.make_array_from_process_local_data(self.rounds_sharding, v) for k, v in host.items()}
 
     # ------------------------------------------------------------------------------------------- grids
     def save_grids(self, params, frozen, tag: str) -> None:
@@ -215,7 +213,7 @@ class SDTrainer(RunDir):
                 return decode_latents(vae, vae_p, generate_latents(unet, g, z, emb, ac, t_init, k, key))
             self._grid_fn = jax.jit(fn, static_argnums=(6,))
             self._vae_params = jax.device_put(self.comps.vae_params, self.repl)
-        _, micro_sh = self.batch_shardings()
+        micro_sh = self.micro_sharding
         out_dir = os.path.join(self.workdir, "samples")
         for k in t.grid_steps:
             imgs = []

@@ -199,9 +199,10 @@ def _latent_geometry(unet, vae, resolution: int | None) -> tuple[int, int]:
 def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list[int], outdir: str, *,
                            model: str | None = None, init_timestep: int | None = None, steps: int = 1,
                            batch: int = 64, weights: str = "ema", fmt: str = "png", dtype: str = "float32",
-                           resolution: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                           resolution: int | None = None, overwrite: bool = False, progress: bool = True,
+                           prompts: list[str] | None = None) -> dict:
     """Write the images (see the module docstring) and ``{outdir}/index.json``; returns the index plus
-    ``written`` / ``skipped`` counts."""
+    ``written`` / ``skipped`` counts. ``prompts``, if given, replaces reading ``prompt_files``."""
     if not outdir:
         raise UsageError("--outdir is required (images go to OUTDIR/<prompt>/<seed>.png)")
     if not checkpoint:
@@ -218,7 +219,7 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
         raise UsageError(f"--batch must be >= 1, got {batch}")
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    prompts = read_prompts(prompt_files)
+    prompts = list(dict.fromkeys(prompts)) if prompts is not None else read_prompts(prompt_files)
     folders = prompt_folders(prompts)
 
     config = stored_config(checkpoint)

@@ -145,14 +145,22 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
     def blank(mask, emb, empty):
         return jnp.where(mask[:, None, None], empty, emb)
 
-    def masked_sum(per, extra_ok=None):
+    def masked_sum(per, scale, extra_ok=None):
+        """(Σ of the samples without NaN · scale / B, their count)."""
         ok = ~jnp.isnan(per)
         if extra_ok is not None:
             ok = ok & extra_ok
-        return jnp.sum(jnp.where(ok, per, 0.0)), jnp.sum(ok.astype(jnp.int32))
+        return jnp.sum(jnp.where(ok, per, 0.0)) * scale / B, jnp.sum(ok.astype(jnp.int32))
 
     def remain_neg(table, d):
         return table[d["neg"]] if s.sid_w_neg else None
+
+    def uncond(neg, which, empty):
+        """The unconditional text of a guided pass: the negatives where use_neg[which] (and there are any)."""
+        return neg if (s.use_neg[which] and neg is not None) else empty
+
+    def x0_ok(x0):
+        return ~jnp.any(jnp.isnan(x0), axis=(1, 2, 3))
 
     # ------------------------------------------------------------------------------- A. fake score, one round
     def sg_round_loss(fake, frozen, g_params, rb, key):
@@ -163,12 +171,10 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
         emb = text_embeddings(text_encoder, frozen["text_encoder"], rb["sg_remain"])
         if s.context_dropout:
             emb = blank(d["drop"], emb, empty)           # P2: the remain negative is not blanked
-        neg = remain_neg(table, d)
-        uncond = neg if (s.use_neg[0] and neg is not None) else empty
         x0 = jax.lax.stop_gradient(gen(g_params, d["z"], emb, d["gen_key"]))
-        per = denoising_loss(eps(fake, emb, uncond, s.k1), x0, d["t"], d["noise"], ac)
-        l_r, n_r = masked_sum(per)
-        l_r = l_r * s.ls / B
+        per = denoising_loss(eps(fake, emb, uncond(remain_neg(table, d), 0, empty), s.k1), x0, d["t"], d["noise"],
+                             ac)
+        l_r, n_r = masked_sum(per, s.ls)
         l_f, n_f = jnp.float32(0.0), jnp.int32(0)
         if s.sg_forget_coef > 0:
             d = draws(kf)
@@ -180,11 +186,9 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
                 f = blank(d["drop"], f, empty)
                 if n is not None:
                     n = blank(d["drop"], n, empty)
-            uncond = n if (s.use_neg[0] and n is not None) else empty
             x0 = jax.lax.stop_gradient(gen(g_params, d["z"], f, d["gen_key"]))
-            per = denoising_loss(eps(fake, f, uncond, s.k1), x0, d["t"], d["noise"], ac)
-            l_f, n_f = masked_sum(per)
-            l_f = l_f * s.ls / B
+            per = denoising_loss(eps(fake, f, uncond(n, 0, empty), s.k1), x0, d["t"], d["noise"], ac)
+            l_f, n_f = masked_sum(per, s.ls)
         total = s.sg_remain_coef * l_r + s.sg_forget_coef * l_f
         return total, jnp.stack([l_r, l_f, n_r.astype(jnp.float32), n_f.astype(jnp.float32)])
 
@@ -196,26 +200,20 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
         d = draws(kr)
         emb = text_embeddings(text_encoder, frozen["text_encoder"], rb["g_remain"])
         neg = remain_neg(table, d)
-        unc_fake = neg if (s.use_neg[1] and neg is not None) else empty
-        unc_real = neg if (s.use_neg[2] and neg is not None) else empty
         x0 = gen(g_params, d["z"], emb, d["gen_key"])
-        per = sid_generator_loss(eps(teacher, emb, unc_real, s.k4), eps(fake, emb, unc_fake, s.k2), x0, d["t"],
-                                 d["noise"], ac, s.alpha)
-        l_r, n_r = masked_sum(per, ~jnp.any(jnp.isnan(x0), axis=(1, 2, 3)))
-        l_r = l_r * s.lsg / B
+        per = sid_generator_loss(eps(teacher, emb, uncond(neg, 2, empty), s.k4),
+                                 eps(fake, emb, uncond(neg, 1, empty), s.k2), x0, d["t"], d["noise"], ac, s.alpha)
+        l_r, n_r = masked_sum(per, s.lsg, x0_ok(x0))
         l_f, n_f = jnp.float32(0.0), jnp.int32(0)
         if s.g_forget_coef > 0:
             d = draws(kf)
             f, o = table[rb["g_forget"]], table[rb["g_override"]]
             n = table[rb["g_neg"]] if s.has_neg else None
-            unc_fake = n if (s.use_neg[1] and n is not None) else empty
-            unc_real = n if (s.use_neg[2] and n is not None) else empty
             x0 = gen(g_params, d["z"], f, d["gen_key"])
-            per = sid_generator_loss(eps(teacher, o, unc_real, s.k4),
-                                     eps(fake, o if s.sg_w_override else f, unc_fake, s.k2), x0, d["t"],
+            per = sid_generator_loss(eps(teacher, o, uncond(n, 2, empty), s.k4),
+                                     eps(fake, o if s.sg_w_override else f, uncond(n, 1, empty), s.k2), x0, d["t"],
                                      d["noise"], ac, s.alpha)
-            l_f, n_f = masked_sum(per, ~jnp.any(jnp.isnan(x0), axis=(1, 2, 3)))
-            l_f = l_f * s.lsg / B
+            l_f, n_f = masked_sum(per, s.lsg, x0_ok(x0))
         total = s.g_remain_coef * l_r + s.g_forget_coef * l_f
         return total, jnp.stack([l_r, l_f, n_r.astype(jnp.float32), n_f.astype(jnp.float32)])
 
