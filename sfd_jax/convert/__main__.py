@@ -8,8 +8,8 @@ r"""Checkpoint conversion.
       our SD checkpoint's generator -> a complete diffusers pipeline folder (other components from SD_DIR)
   python -m sfd_jax.convert import-diffusers --src UNET_OR_PIPELINE_DIR --out DIR
       a diffusers UNet (folder or pipeline's unet/) -> our checkpoint (item 'generator')
-  python -m sfd_jax.convert sid-lsg --src FILE.pkl --out DIR --trust-pickle
-      the SiD-LSG generator pickle's "ema" UNet -> our checkpoint (unpickling runs code; needs torch + diffusers)
+  python -m sfd_jax.convert sid-lsg --src FILE.pkl --out DIR
+      the SiD-LSG generator pickle's "ema" UNet -> our checkpoint (read without running code from the file)
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ flags.DEFINE_string("src", None, "ddpm: the original .pth file; import-diffusers
 flags.DEFINE_string("checkpoint", None, "ddpm-to-pth, export-diffusers: our checkpoint directory.")
 flags.DEFINE_string("out", None, "Output: a directory (ddpm) or a .pth file (ddpm-to-pth).")
 flags.DEFINE_string("base", None, "export-diffusers: the SD pipeline folder that supplies config and other components.")
-flags.DEFINE_bool("trust-pickle", False, "sid-lsg: allow unpickling --src (runs code from the file).")
+flags.DEFINE_bool("trust-pickle", False, "sid-lsg: no longer needed (the pickle is read without running code from "
+                  "it); accepted for old command lines.")
 FLAGS = flags.FLAGS
 
 COMMANDS = ("ddpm", "ddpm-to-pth", "export-diffusers", "import-diffusers", "sid-lsg")

@@ -6,8 +6,9 @@
   :func:`sfd_jax.sd.load_components`.
 - :func:`import_diffusers_unet`: any diffusers UNet folder (or a pipeline's ``unet/``) -> our checkpoint.
 - :func:`import_sid_lsg`: the SiD-LSG generator pickle (``batch512_cfg4.54.54.5_t625_8380_v2.pkl``, whose
-  ``"ema"`` entry is a pickled diffusers UNet module) -> our checkpoint. Unpickling runs code from the file, so
-  it needs an explicit ``trust_pickle=True``, torch and diffusers.
+  ``"ema"`` entry is a pickled diffusers UNet module) -> our checkpoint. The pickle is read without running code
+  from it (module classes become inert stubs, tensors are rebuilt through the torch allowlist): no torch, no
+  diffusers, no ``--trust-pickle`` needed.
 
 Our checkpoint for an SD UNet: item ``generator`` (the param tree), no ConfigDict, and ``meta`` holding
 ``unet_config`` (the diffusers config dict, so the module can be rebuilt), ``source`` and ``format``.
@@ -131,38 +132,142 @@ def export_diffusers(checkpoint: str, base: str, out: str) -> str:
     return out
 
 
-UNSAFE_PICKLE_MESSAGE = (
-    "{src} is a Python pickle whose 'ema' entry is a pickled diffusers UNet module; unpickling it runs code "
-    "stored in the file. Re-run with --trust-pickle only if you trust where the file comes from")
+# ------------------------------------------------------------------------------------------ SiD-LSG pickles
+# Classes in these namespaces (the UNet's diffusers and torch.nn modules, EDM/SiD's training classes, torch
+# dtypes/devices) become inert stubs; any other global is refused.
+_STUB_NAMESPACES = ("diffusers.", "torch.nn.", "torch_utils.", "training.", "dnnlib.")
+_STUB_TORCH_NAMES = frozenset({"device", "Size", "float32", "float16", "bfloat16", "float64", "int64", "int32",
+                               "uint8", "bool"})
 
 
-def import_sid_lsg(src: str, out: str, *, trust_pickle: bool = False, base: str | None = None) -> str:
-    """SiD-LSG generator pickle -> our checkpoint (item ``generator``) under ``out``; returns the step dir."""
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"--src {src!r} does not exist")
-    if not trust_pickle:
-        raise UsageError(UNSAFE_PICKLE_MESSAGE.format(src=src))
-    _fresh_checkpoint_dir(out)
-    try:
-        import pickle
-        import zipfile
+class _Stub:
+    """An object of a class named in the pickle. The class is never imported and nothing of it runs: the stub only
+    keeps what the pickle hands it (constructor args, BUILD state, SETITEMS items, APPENDS items)."""
 
-        import diffusers  # noqa: F401  (the pickle references diffusers classes)
-        import torch
-    except ImportError as e:
-        raise UsageError(f"reading {src} needs torch and diffusers installed ({e})") from None
+    stub_name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__.update(stub_args=args, stub_state=None, stub_items={}, stub_list=[])
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["stub_state"] = state
+
+    def __setitem__(self, key, value):
+        self.stub_items[key] = value
+
+    def append(self, value):
+        self.stub_list.append(value)
+
+    def extend(self, values):
+        self.stub_list.extend(values)
+
+    def __repr__(self):
+        return f"<stub {self.stub_name}>"
+
+
+def _stub_factory():
+    classes: dict[tuple[str, str], type] = {}
+
+    def fallback(module: str, name: str):
+        if not (module.startswith(_STUB_NAMESPACES) or (module == "torch" and name in _STUB_TORCH_NAMES)):
+            return None
+        if not name.isidentifier():
+            return None
+        key = (module, name)
+        if key not in classes:
+            classes[key] = type(name, (_Stub,), {"stub_name": f"{module}.{name}", "__slots__": ()})
+        return classes[key]
+    return fallback
+
+
+def read_sid_lsg_pickle(src: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict of numpy arrays, UNet config) of a SiD-LSG pickle's ``"ema"`` UNet, without running code from
+    the file: a plain pickle (``pickle.dump``; storages as ``torch.storage._load_from_bytes`` of legacy
+    ``torch.save`` bytes) or a ``torch.save`` zip. Module classes become :class:`_Stub`; tensors are rebuilt by
+    :mod:`sfd_jax.convert.torch_pickle`'s allowlist; the parameters and persistent buffers come from walking the
+    modules' ``_parameters``/``_buffers``/``_modules`` and the config from the UNet's ``_internal_dict``."""
+    import zipfile
+
+    from sfd_jax.convert import torch_pickle as tp
+
+    display = os.path.basename(src)
+    fallback = _stub_factory()
     if zipfile.is_zipfile(src):
-        data = torch.load(src, map_location="cpu", weights_only=False)
+        data = tp.load_torch_file(src, fallback=fallback)
     else:
+        def load_from_bytes(blob):
+            if type(blob) is not bytes:
+                raise tp.CheckpointFormatError(f"{display}: malformed storage record (_load_from_bytes of "
+                                               f"{type(blob).__name__})")
+            storage = tp.load_legacy_torch(blob, f"{display} (a storage)")
+            if not isinstance(storage, tp._Storage):
+                raise tp.CheckpointFormatError(f"{display}: a storage record holds {type(storage).__name__}")
+            return storage
+
+        allowed = dict(tp._ALLOWED)
+        allowed[("torch.storage", "_load_from_bytes")] = tp._Callable("torch.storage._load_from_bytes",
+                                                                      load_from_bytes)
         with open(src, "rb") as f:
-            data = pickle.load(f)
+            try:
+                data = tp._SafeUnpickler(f, display, allowed=allowed, fallback=fallback).load()
+            except (tp.UnsafeCheckpointError, tp.CheckpointFormatError):
+                raise
+            except tp._BadRecord as e:
+                raise tp.CheckpointFormatError(f"{display}: {e}") from None
+            except tp._CORRUPT as e:
+                raise tp.CheckpointFormatError(f"{display}: not a readable pickle ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or "ema" not in data:
         keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise UsageError(f"{src} has no 'ema' entry (it holds {keys})")
     ema = data["ema"]
-    if not hasattr(ema, "state_dict") or not hasattr(ema, "config"):
-        raise UsageError(f"{src}: 'ema' is a {type(ema).__name__}, not a diffusers UNet module")
-    unet_config = {k: v for k, v in dict(ema.config).items()}
+    state = ema.stub_state if isinstance(ema, _Stub) else None
+    if not isinstance(state, dict) or not isinstance(state.get("_modules"), dict) \
+            or not isinstance(state.get("_internal_dict"), _Stub):
+        raise UsageError(f"{src}: 'ema' is a {getattr(ema, 'stub_name', type(ema).__name__)}, not a diffusers "
+                         "UNet module")
+    tensors: dict[str, np.ndarray] = {}
+    _collect_tensors(ema, "", tensors, src, depth=0)
+    cfg = state["_internal_dict"]
+    config = dict(cfg.stub_items) or (dict(cfg.stub_state) if isinstance(cfg.stub_state, dict) else {})
+    return tensors, config
+
+
+def _collect_tensors(module, prefix: str, out: dict, src: str, depth: int) -> None:
+    state = module.stub_state if isinstance(module, _Stub) else None
+    if not isinstance(state, dict) or depth > 100:
+        raise UsageError(f"{src}: 'ema' module {prefix.rstrip('.') or '(root)'} is a "
+                         f"{getattr(module, 'stub_name', type(module).__name__)}, not a torch module")
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        entries = state.get(group) or {}
+        if not isinstance(entries, dict):
+            raise UsageError(f"{src}: 'ema' module {prefix.rstrip('.') or '(root)'} has a malformed {group}")
+        for name, value in entries.items():
+            if value is None or (group == "_buffers" and name in skip):
+                continue
+            if not isinstance(value, np.ndarray):
+                raise UsageError(f"{src}: 'ema' tensor {prefix}{name} is a {type(value).__name__}, not a tensor")
+            out[f"{prefix}{name}"] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            _collect_tensors(child, f"{prefix}{name}.", out, src, depth + 1)
+
+
+def import_sid_lsg(src: str, out: str, *, trust_pickle: bool = False, base: str | None = None) -> str:
+    """SiD-LSG generator pickle -> our checkpoint (item ``generator``) under ``out``; returns the step dir.
+
+    Reads the pickle with :func:`read_sid_lsg_pickle` (no code from the file runs; needs neither torch nor
+    diffusers). ``trust_pickle`` is accepted for compatibility and no longer needed."""
+    del trust_pickle
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"--src {src!r} does not exist")
+    _fresh_checkpoint_dir(out)
+    state_dict, unet_config = read_sid_lsg_pickle(src)
     if base is not None:
         from sfd_jax.sd import component_dir, read_model_index
 
@@ -172,5 +277,5 @@ def import_sid_lsg(src: str, out: str, *, trust_pickle: bool = False, base: str 
     from sfd_jax.sd import abstract_params
 
     abstract = abstract_params(UNet2DConditionModel.from_config(unet_config, what=f"{src} ['ema'].config"))
-    params = dw.state_dict_to_params(ema.state_dict(), abstract, what=f"{src} ['ema']")
+    params = dw.state_dict_to_params(state_dict, abstract, what=f"{src} ['ema']")
     return save_unet_checkpoint(out, params, unet_config, source=os.path.abspath(src), fmt="sid_lsg_pickle")

@@ -20,12 +20,15 @@ import collections
 import io
 import os
 import pickle
+import struct
 import sys
 import zipfile
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from sfd_jax.safe_pickle import RestrictedUnpickler
 
 __all__ = [
     "CheckpointFormatError",
@@ -187,46 +190,46 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only ``_ALLOWED`` globals and torch storage records."""
-
-    def __init__(self, file, display_name: str, read_storage):
-        super().__init__(file)
-        self._display_name = display_name
-        self._read_storage = read_storage
-
-    def find_class(self, module, name):
-        # torch.save uses protocol 2, which spells names the Python 2 way
-        # (``__builtin__.set``); map them like pickle's own fix_imports does.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        try:
-            return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            pass
-        raise UnsafeCheckpointError(
-            f"refusing to load {self._display_name}: its pickle references {f'{module}.{name}'!r}, "
-            "which is not a tensor rebuild or a plain container (loading a checkpoint never runs code from it)"
-        )
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointFormatError(f"{self._display_name}: unsupported persistent record {pid!r:.200}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or type(key) is not str or type(numel) is not int or numel < 0:
-            raise CheckpointFormatError(f"{self._display_name}: malformed storage record {pid!r:.200}")
-        return self._read_storage(key, storage_type.dtype, numel)
+def _refusal(display_name: str):
+    """The error factory for :class:`RestrictedUnpickler`: a refused global names the file and the global."""
+    def error(what: str) -> Exception:
+        if what.startswith("global "):
+            return UnsafeCheckpointError(
+                f"refusing to load {display_name}: its pickle references {what[len('global '):]}, which is not a "
+                "tensor rebuild or a plain container (loading a checkpoint never runs code from it)")
+        return CheckpointFormatError(f"{display_name}: unsupported record in the pickle: {what}")
+    return error
 
 
-def load_torch_file(path) -> Any:
+def _SafeUnpickler(file, display_name: str, read_storage=None, *, persistent_load=None, allowed=None,
+                   fallback=None) -> RestrictedUnpickler:
+    """The restricted unpickler over ``_ALLOWED`` (or ``allowed``); storages of the zip format via
+    ``read_storage(key, dtype, numel)``, or any ``persistent_load`` handler."""
+    if persistent_load is None and read_storage is not None:
+        def persistent_load(pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise CheckpointFormatError(f"{display_name}: unsupported persistent record {pid!r:.200}")
+            _, storage_type, key, _location, numel = pid
+            if not isinstance(storage_type, _StorageType) or type(key) is not str or type(numel) is not int \
+                    or numel < 0:
+                raise CheckpointFormatError(f"{display_name}: malformed storage record {pid!r:.200}")
+            return read_storage(key, storage_type.dtype, numel)
+    return RestrictedUnpickler(file, _ALLOWED if allowed is None else allowed, _refusal(display_name),
+                               persistent_load=persistent_load, fallback=fallback)
+
+
+_CORRUPT = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, OverflowError, MemoryError, RecursionError, struct.error)
+
+
+def load_torch_file(path, *, allowed=None, fallback=None) -> Any:
     """Load a ``torch.save`` zip checkpoint; tensors become numpy arrays.
 
     Raises ``UnsafeCheckpointError`` if the pickle references anything but tensor
     rebuilds and plain containers, ``CheckpointFormatError`` if the file is not a
     torch zip checkpoint (legacy pre-1.6 format, truncated, missing ``data.pkl``).
-    OrderedDicts are returned as ``collections.OrderedDict``.
+    OrderedDicts are returned as ``collections.OrderedDict``. ``allowed`` replaces the global allowlist
+    and ``fallback`` may return inert objects for other globals (see :class:`RestrictedUnpickler`).
     """
     display = os.path.basename(os.fspath(path)) or os.fspath(path)
     with open(path, "rb") as f:
@@ -279,16 +282,86 @@ def load_torch_file(path) -> Any:
 
         try:
             data = zf.read(pkls[0])
-            return _SafeUnpickler(io.BytesIO(data), display, read_storage).load()
+            return _SafeUnpickler(io.BytesIO(data), display, read_storage, allowed=allowed,
+                                  fallback=fallback).load()
         except (UnsafeCheckpointError, CheckpointFormatError):
             raise
         except _BadRecord as e:
             raise CheckpointFormatError(f"{display}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
-                KeyError, IndexError, OverflowError, MemoryError, RecursionError) as e:
+        except _CORRUPT as e:
             raise CheckpointFormatError(f"{display}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
         finally:
             cache.clear()
+
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+
+
+def load_legacy_torch(blob: bytes, display: str, *, allowed=None) -> Any:
+    """Read a legacy (pre-1.6, non-zip) ``torch.save`` file's bytes without running code from it.
+
+    Layout: pickles of the magic number, the protocol version and sys_info, then the object pickle whose
+    storages are persistent records ('storage', type, key, location, numel, view_metadata), then a pickle of
+    the storage keys, then each storage as int64 element count + raw bytes. The magic and protocol records are
+    read with an empty allowlist, the rest over ``_ALLOWED`` (or ``allowed``). The object pickle is read
+    twice: once with empty storages to find where it ends, once with the data.
+    """
+    f = io.BytesIO(blob)
+    allowed = _ALLOWED if allowed is None else allowed
+    records: dict[str, tuple[np.dtype, int]] = {}
+
+    def storage_loader(storages):
+        def persistent_load(pid):
+            if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+                raise CheckpointFormatError(f"{display}: unsupported persistent record {pid!r:.200}")
+            _, stype, key, _loc, numel, view = pid
+            if not isinstance(stype, _StorageType) or type(key) is not str or type(numel) is not int \
+                    or numel < 0 or view is not None:
+                raise CheckpointFormatError(f"{display}: unsupported storage record {pid!r:.200}")
+            records[key] = (stype.dtype, numel)
+            if storages is None:
+                return _Storage(np.zeros(numel, stype.dtype))
+            return _Storage(storages[key])
+        return persistent_load
+
+    try:
+        magic = RestrictedUnpickler(f, {}, _refusal(display)).load()
+        if type(magic) is not int or magic != _LEGACY_MAGIC_NUMBER:
+            raise CheckpointFormatError(f"{display} is not a torch checkpoint")
+        protocol = RestrictedUnpickler(f, {}, _refusal(display)).load()
+        if type(protocol) is not int:
+            raise CheckpointFormatError(f"{display}: malformed legacy protocol record")
+        sys_info = _SafeUnpickler(f, display, allowed=allowed).load()
+        little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+        body_start = f.tell()
+        _SafeUnpickler(f, display, persistent_load=storage_loader(None), allowed=allowed).load()
+        keys = _SafeUnpickler(f, display, allowed=allowed).load()
+        if not isinstance(keys, list) or not all(type(k) is str and k in records for k in keys):
+            raise CheckpointFormatError(f"{display}: malformed storage key list")
+        storages = {}
+        for key in keys:
+            dtype, numel = records[key]
+            (n,) = struct.unpack("<q" if little else ">q", f.read(8))
+            raw = f.read(n * dtype.itemsize)
+            if n != numel or len(raw) != n * dtype.itemsize:
+                raise CheckpointFormatError(f"{display}: storage {key} is truncated or has the wrong size")
+            arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<" if little else ">")).astype(dtype)
+            arr.flags.writeable = False
+            storages[key] = arr
+        f.seek(body_start)
+        return _SafeUnpickler(f, display, persistent_load=storage_loader(storages), allowed=allowed).load()
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except _BadRecord as e:
+        raise CheckpointFormatError(f"{display}: {e}") from None
+    except _CORRUPT as e:
+        raise CheckpointFormatError(f"{display}: corrupt legacy checkpoint ({type(e).__name__}: {e})") from None
+
+
+def is_legacy_torch_file(path) -> bool:
+    """True when ``path`` starts with the legacy ``torch.save`` magic-number pickle."""
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_MAGIC)).startswith(_LEGACY_MAGIC)
 
 
 def _to_torch(obj, torch, jax_array_type):

@@ -9,13 +9,14 @@ expected.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from sfd_jax import safe_pickle
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
@@ -57,30 +58,23 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals numpy array pickles need; anything else is refused."""
+_NUMPY_GLOBALS = _allowed_globals()
 
-    _ALLOWED = _allowed_globals()
 
-    def __init__(self, file, source: str):
-        super().__init__(file, encoding="latin1")   # latin1: Python 2 str payloads of numpy arrays, as torchvision
-        self._source = source
-
-    def find_class(self, module, name):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise DatasetError(f"{self._source}: refusing to unpickle global '{module}.{name}' (only numpy arrays, "
-                               f"dicts, lists and strings are allowed in dataset pickles)") from None
-
-    def persistent_load(self, pid):
-        raise DatasetError(f"{self._source}: refusing a persistent id in a dataset pickle")
+def _refusal(source: str):
+    def error(what: str) -> DatasetError:
+        return DatasetError(f"{source}: refusing to unpickle {what} (only numpy arrays, dicts, lists and strings "
+                            "are allowed in dataset pickles)")
+    return error
 
 
 def safe_unpickle(data: bytes, source: str):
-    """Load a pickle of plain containers and numpy arrays without executing code (no arbitrary globals)."""
+    """Load a pickle of plain containers and numpy arrays without executing code (no arbitrary globals).
+
+    Read by :class:`sfd_jax.safe_pickle.RestrictedUnpickler` over the numpy globals (latin1: Python 2 str
+    payloads of numpy arrays, as torchvision reads them)."""
     try:
-        return _NumpyOnlyUnpickler(io.BytesIO(data), source).load()
+        return safe_pickle.loads(data, _NUMPY_GLOBALS, _refusal(source), encoding="latin1")
     except DatasetError:
         raise
     except Exception as e:   # truncated or corrupt pickle

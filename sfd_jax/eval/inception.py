@@ -24,10 +24,7 @@ tensor, refusing files with missing, extra or misshapen tensors.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import pickle
-import struct
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -231,81 +228,20 @@ def preprocess(images: Array, resize: str = "pytorch_fid", size: int = 299) -> A
 # ------------------------------------------------------------------------------------------------------------
 # Weights.
 def _load_legacy_torch_file(path: str) -> Any:
-    """Read a legacy (pre-1.6, non-zip) ``torch.save`` file without running code from it.
-
-    Layout: pickles of the magic number, the protocol version and sys_info, then the object pickle whose
-    storages are persistent records ('storage', type, key, location, numel, view_metadata), then a pickle of
-    the storage keys, then each storage as int64 element count + raw bytes. The object pickle is read twice:
-    once with empty storages to find where it ends, once with the data.
-    """
+    """Read a legacy (pre-1.6, non-zip) ``torch.save`` file without running code from it
+    (:func:`sfd_jax.convert.torch_pickle.load_legacy_torch`)."""
     from sfd_jax.convert import torch_pickle as tp
 
-    display = os.path.basename(path)
     with open(path, "rb") as f:
         blob = f.read()
-    f = io.BytesIO(blob)
-    try:
-        magic = pickle.Unpickler(f).load()
-        if magic != 0x1950A86A20F9469CFC6C:
-            raise tp.CheckpointFormatError(f"{display} is not a torch checkpoint")
-        pickle.Unpickler(f).load()                       # protocol version (ints only)
-        sys_info = tp._SafeUnpickler(f, display, None).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise tp.CheckpointFormatError(f"{display}: corrupt legacy checkpoint ({e})") from None
-    little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
-    body_start = f.tell()
-    records: dict[str, tuple[np.dtype, int]] = {}
-
-    class _Legacy(tp._SafeUnpickler):
-        def __init__(self, file, storages):
-            super().__init__(file, display, None)
-            self._storages = storages
-
-        def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-                raise tp.CheckpointFormatError(f"{display}: unsupported persistent record {pid!r:.200}")
-            _, stype, key, _loc, numel, view = pid
-            if not isinstance(stype, tp._StorageType) or type(key) is not str or type(numel) is not int \
-                    or numel < 0 or view is not None:
-                raise tp.CheckpointFormatError(f"{display}: unsupported storage record {pid!r:.200}")
-            records[key] = (stype.dtype, numel)
-            if self._storages is None:
-                return tp._Storage(np.zeros(numel, stype.dtype))
-            return tp._Storage(self._storages[key])
-
-    try:
-        _Legacy(f, None).load()
-        keys = tp._SafeUnpickler(f, display, None).load()
-        if not isinstance(keys, list) or not all(type(k) is str and k in records for k in keys):
-            raise tp.CheckpointFormatError(f"{display}: malformed storage key list")
-        storages = {}
-        for key in keys:
-            dtype, numel = records[key]
-            (n,) = struct.unpack("<q" if little else ">q", f.read(8))
-            raw = f.read(n * dtype.itemsize)
-            if n != numel or len(raw) != n * dtype.itemsize:
-                raise tp.CheckpointFormatError(f"{display}: storage {key} is truncated or has the wrong size")
-            arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<" if little else ">")).astype(dtype)
-            arr.flags.writeable = False
-            storages[key] = arr
-        f.seek(body_start)
-        return _Legacy(f, storages).load()
-    except (tp.UnsafeCheckpointError, tp.CheckpointFormatError):
-        raise
-    except tp._BadRecord as e:
-        raise tp.CheckpointFormatError(f"{display}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            struct.error) as e:
-        raise tp.CheckpointFormatError(f"{display}: corrupt legacy checkpoint ({type(e).__name__}: {e})") from None
+    return tp.load_legacy_torch(blob, os.path.basename(path))
 
 
 def read_torch_state_dict(path: str) -> Mapping[str, np.ndarray]:
     """A torch state dict as numpy arrays, from a zip or legacy ``.pth``, without running code from it."""
     from sfd_jax.convert import torch_pickle as tp
 
-    with open(path, "rb") as f:
-        head = f.read(len(tp._LEGACY_MAGIC))
-    obj = _load_legacy_torch_file(path) if head.startswith(tp._LEGACY_MAGIC) else tp.load_torch_file(path)
+    obj = _load_legacy_torch_file(path) if tp.is_legacy_torch_file(path) else tp.load_torch_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
