@@ -10,14 +10,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+import shutil
+import sys
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sfd_jax.cli_utils import UsageError
+
 NETWORKS = ("model", "ema", "fake_score", "generator", "generator_ema")
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpointError(UsageError):
+    """No checkpoint step of a directory restores (one line: each step tried and why)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, permissions, ...); the run must stop. One line naming the step and the cause."""
 
 
 class _QuietPartialRestore(logging.Filter):
@@ -28,7 +41,20 @@ class _QuietPartialRestore(logging.Filter):
         return not any(n in record.getMessage() for n in self._NOISE)
 
 
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs every failed read or write with a full traceback (thousands of lines for one full disk). Our
+    callers turn those failures into one line (:class:`CheckpointSaveError`, the fallback warning), so Orbax's
+    own error records are dropped; ``--verbosity=1`` (or lower) keeps them for debugging."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "orbax" in (record.pathname or ""):
+            from absl import logging as absl_logging
+            return absl_logging.get_verbosity() >= absl_logging.INFO
+        return True
+
+
 logging.getLogger("absl").addFilter(_QuietPartialRestore())
+logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
 def _abs(path: str | os.PathLike) -> epath.Path:
@@ -63,32 +89,112 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._bad: dict[int, str] = {}
 
     # ---------------------------------------------------------------------------------------------- save
     def save(self, step: int, items: Mapping[str, Any], *, config: ml_collections.ConfigDict | None = None,
              meta: Mapping[str, Any] | None = None, force: bool = True) -> None:
-        """Save pytrees ``items`` (None values skipped) plus the config and metadata as JSON."""
+        """Save pytrees ``items`` (None values skipped) plus the config and metadata as JSON.
+
+        Raises :class:`CheckpointSaveError` (after removing the half-written step) if this save, or an earlier
+        asynchronous one, failed."""
         args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v is not None}
         if config is not None:
             args["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
         args["meta"] = ocp.args.JsonSave(dict(meta or {}))
-        self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        self._guard(lambda: self.manager.check_for_errors(), "an earlier asynchronous save")
+        self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**args), force=force), f"step {step}")
+
+    def check(self) -> None:
+        """Raise :class:`CheckpointSaveError` now if a background save has failed (cheap; call once a step)."""
+        self._guard(lambda: self.manager.check_for_errors(), "an asynchronous save")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished, "the last asynchronous save")
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:   # a failed save was already reported by wait(); closing must not raise it again
+            self.remove_tmp_dirs()
+
+    def _guard(self, fn: Callable[[], Any], what: str):
+        try:
+            return fn()
+        except Exception as e:
+            self.remove_tmp_dirs()
+            good = self.complete_steps()
+            reason = _first_line(e)
+            raise CheckpointSaveError(
+                f"saving checkpoint {what} in {self.directory} failed ({reason}); "
+                + (f"the last complete checkpoint is step {good[-1]}" if good else "no complete checkpoint exists")
+            ) from None
+
+    def remove_tmp_dirs(self) -> list[str]:
+        """Delete half-written step folders (``*.orbax-checkpoint-tmp*``) left by a failed save."""
+        removed = []
+        if self.directory.exists():
+            for c in self.directory.iterdir():
+                if TMP_MARK in c.name:
+                    shutil.rmtree(os.fspath(c), ignore_errors=True)
+                    removed.append(c.name)
+        return removed
+
+    def complete_steps(self) -> list[int]:
+        """Steps with a finished checkpoint folder on disk, oldest first."""
+        if not self.directory.exists():
+            return []
+        return sorted(int(c.name) for c in self.directory.iterdir()
+                      if c.name.isdigit() and (c / "_CHECKPOINT_METADATA").exists())
 
     # ------------------------------------------------------------------------------------------- restore
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest step not found unreadable by an earlier restore through this object."""
+        steps = [s for s in self.manager.all_steps() if s not in self._bad]
+        return max(steps) if steps else None
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        """Steps a newest-first restore skipped, with the reason (nothing is deleted)."""
+        return dict(self._bad)
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
         return step
+
+    def _newest_first(self, fn: Callable[[int], Any], step: int | None):
+        """``fn(step)`` at ``step``, or (``step`` None) at the newest step that restores: a step that fails is
+        reported in one warning line, remembered in :attr:`skipped` and the next older one is tried."""
+        if step is not None:
+            self._step(step)
+            try:
+                return fn(step)
+            except (KeyError, FileNotFoundError):
+                raise
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.directory / str(step)} does not restore ({_first_line(e)})") from None
+        tried = []
+        while True:
+            s = self.latest_step()
+            if s is None:
+                if tried:
+                    raise CorruptCheckpointError(f"no checkpoint in {self.directory} restores: "
+                                                 + "; ".join(f"step {t}: {self._bad[t]}" for t in tried))
+                raise FileNotFoundError(f"no checkpoint step in {self.directory}")
+            try:
+                return fn(s)
+            except KeyError:
+                raise
+            except Exception as e:
+                self._bad[s] = _first_line(e)
+                tried.append(s)
+                older = self.latest_step()
+                print(f"warning: skipping checkpoint step {s} in {self.directory}: it does not restore "
+                      f"({self._bad[s]}); " + (f"trying step {older}" if older is not None else "no older step")
+                      + " (nothing deleted)", file=sys.stderr, flush=True)
 
     def items(self, step: int | None = None) -> list[str]:
         """Names of the items saved at ``step`` (default latest)."""
@@ -97,14 +203,20 @@ class Checkpointer:
 
     def item_shapes(self, name: str, step: int | None = None):
         """Pytree of ShapeDtypeStructs of a saved pytree item, read from metadata (no array is loaded)."""
-        meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(self._step(step)) / name)
-        tree = getattr(meta, "tree", meta)
-        return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
-                                      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        def read(s):
+            meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(s) / name)
+            tree = getattr(meta, "tree", meta)
+            return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+                                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        return self._newest_first(read, step)
 
     def restore_json(self, name: str, step: int | None = None) -> dict:
-        out = self.manager.restore(self._step(step), args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
-        return out[name]
+        def read(s):
+            out = self.manager.restore(s, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+            if out[name] is None:
+                raise ValueError(f"item {name!r} is empty or unreadable")
+            return out[name]
+        return self._newest_first(read, step)
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         return config_from_json(self.restore_json("config", step))
@@ -112,15 +224,33 @@ class Checkpointer:
     def restore(self, targets: Mapping[str, Any], step: int | None = None) -> dict:
         """Restore the named pytrees. ``targets`` maps item name -> abstract pytree (ShapeDtypeStructs, with
         shardings or without — then replicated over all devices — or arrays), which fixes the device placement:
-        any device count or mesh works."""
-        step = self._step(step)
-        missing = [k for k in targets if k not in self.items(step)]
-        if missing:
-            raise KeyError(f"checkpoint {self.directory / str(step)} has no item {missing[0]!r}; "
-                           f"it holds {', '.join(self.items(step))}")
-        args = {k: ocp.args.StandardRestore(_placed(v)) for k, v in targets.items()}
-        out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return {k: out[k] for k in targets}
+        any device count or mesh works. ``step`` None: the newest step that restores (see :meth:`restore_step`)."""
+        return self.restore_step(targets, step)[1]
+
+    def restore_step(self, targets: Mapping[str, Any], step: int | None = None,
+                     json_items: tuple[str, ...] = ()) -> tuple[int, dict]:
+        """(step, items): ``targets`` and the JSON items ``json_items``, all from one step (``step``, or the
+        newest one that restores, skipping corrupt ones with a warning)."""
+        def read(s):
+            missing = [k for k in (*targets, *json_items) if k not in self.items(s)]
+            if missing:
+                raise KeyError(f"checkpoint {self.directory / str(s)} has no item {missing[0]!r}; "
+                               f"it holds {', '.join(self.items(s))}")
+            args = {k: ocp.args.StandardRestore(_placed(v)) for k, v in targets.items()}
+            args.update({k: ocp.args.JsonRestore() for k in json_items})
+            out = self.manager.restore(s, args=ocp.args.Composite(**args))
+            for k in json_items:
+                if out[k] is None:
+                    raise ValueError(f"item {k!r} is empty or unreadable")
+            return s, {k: out[k] for k in (*targets, *json_items)}
+        return self._newest_first(read, step)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= 300 else line[:297] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _placed(tree):

@@ -1,7 +1,8 @@
-"""Shared command-line plumbing: one-line errors with a non-zero exit, config loading."""
+"""Shared command-line plumbing: one-line errors with a non-zero exit, up-front checks of inputs and outputs."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -16,7 +17,51 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from sfd_jax.convert.ddpm import CheckpointMismatchError
     from sfd_jax.convert.torch_pickle import CheckpointFormatError, UnsafeCheckpointError
-    return (UsageError, FileNotFoundError, CheckpointMismatchError, CheckpointFormatError, UnsafeCheckpointError)
+    from sfd_jax.data.formats import DatasetError
+    return (UsageError, FileNotFoundError, CheckpointMismatchError, CheckpointFormatError, UnsafeCheckpointError,
+            DatasetError)
+
+
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _asked_for_help(argv: list[str]) -> bool:
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    return any(a in _HELP_FLAGS or a.split("=", 1)[0] in _HELP_FLAGS[2:] for a in args)
+
+
+def _flag_error_line(e: BaseException, argv: list[str]) -> str:
+    """One line for a flag that does not parse: an unknown ``--config.x.y`` key keeps ml_collections'
+    'Did you mean ...'; a recipe file that is missing or does not load says so."""
+    import re
+    text = str(e)
+    if isinstance(e, (AttributeError, KeyError)):
+        text = text.encode().decode("unicode_escape")
+        hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
+        quoted = re.search(r"'([^'\s]+)'", text)
+        key = hint.group(1) if hint else quoted.group(1) if quoted else text.strip().splitlines()[0]
+        given = next((a.split("=", 1)[0] for a in argv[1:]
+                      if a.startswith("--") and f".{key}." in a.split("=", 1)[0] + "."), key)
+        hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+        return f"{given}: no such key in the recipe" + (f"; {hint.group(0)}" if hint else "")
+    if isinstance(e, SyntaxError):
+        return f"{e.filename}:{e.lineno}: {e.msg} (the recipe file does not load)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ({lines[-1]})"
+
+
+def _parse_flags(prog: str, argv: list[str]) -> list[str]:
+    """absl's flag parsing with every failure (absl's own, ml_collections' config overrides and recipe loading)
+    reported as ``prog: error: <one line>`` and exit 2."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (AttributeError, KeyError, OSError, ValueError, TypeError, SyntaxError) as e:
+        msg = _flag_error_line(e, argv)
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(main: Callable[[list[str]], None], prog: str) -> None:
@@ -31,7 +76,76 @@ def run(main: Callable[[list[str]], None], prog: str) -> None:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"{prog}: error: {msg}", file=sys.stderr)
             sys.exit(2)
-    app.run(wrapped)
+    try:
+        app.run(wrapped, flags_parser=functools.partial(_parse_flags, prog))
+    except SystemExit as e:
+        # absl exits 1 after printing the usage for --help; asking for help is not an error.
+        if e.code == 1 and _asked_for_help(sys.argv):
+            sys.exit(0)
+        raise
+
+
+def check_positive(**values: int | None) -> None:
+    """UsageError naming the first ``--flag`` (keyword name) whose value is given and below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_output_path(path: str, what: str, *, directory: bool = False) -> str:
+    """Refuse, before any work, an output that cannot be written; nothing is created.
+
+    ``directory=False``: ``path`` is a file to write (must not be a directory); ``True``: a directory to fill
+    (must not be a file). Either way the nearest existing ancestor must be a writable directory (missing
+    folders in between are created later by the writer). Raises UsageError naming ``what`` (e.g. '--out').
+    """
+    if not path:
+        raise UsageError(f"{what} is empty")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path} exists and is not a directory")
+    if not directory and os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory; expected a file name")
+    start = path if directory else os.path.dirname(os.path.abspath(path))
+    anc = _nearest_existing(start)
+    if not os.path.isdir(anc):
+        raise UsageError(f"{what} {path} cannot be created: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} cannot be created: {anc} is not writable")
+    return path
+
+
+def check_input_file(path: str, what: str) -> str:
+    """FileNotFoundError / UsageError, before any work, unless ``path`` is a readable file."""
+    if not path:
+        raise UsageError(f"{what} is empty")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory; expected a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable")
+    return path
+
+
+def check_input_path(path: str, what: str) -> str:
+    """FileNotFoundError / UsageError, before any work, unless ``path`` is a readable file or directory."""
+    if not path:
+        raise UsageError(f"{what} is empty")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} is not readable")
+    return path
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

@@ -27,7 +27,7 @@ from sfd_jax import parallel
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.sfd.sd_task import SDPrompts, micro_batch, validate_sd_config
 from sfd_jax.sfd.state import SDState, state_from_items, state_items
-from sfd_jax.run_dir import RunDir, with_shardings
+from sfd_jax.run_dir import RunDir, close_checkpointer, with_shardings
 from sfd_jax.train_log import MetricsLogger
 
 SPECIAL_SNAPSHOT_TICKS = frozenset({2, 4} | set(range(10, 101, 10)))
@@ -37,9 +37,9 @@ class SDTrainer(RunDir):
     """One SD SFD run in ``workdir`` (created or resumed)."""
     SAME_RECIPE_KEYS = ("mode", "sd.resolution", "sd.model")
 
-    def __init__(self, config, workdir: str, *, components=None):
+    def __init__(self, config, workdir: str, *, components=None, allow_changes: tuple[str, ...] = ()):
         validate_sd_config(config)
-        self._init_run_dir(config, workdir)
+        self._init_run_dir(config, workdir, allow_changes=allow_changes)
         self.mesh = parallel.mesh_from_config(config)
         self.shards = parallel.batch_divisor(self.mesh)
         self.micro = micro_batch(config, self.shards)
@@ -153,7 +153,8 @@ class SDTrainer(RunDir):
             abstract = SDState(step=None, generator=shapes, generator_ema=shapes if use_ema else None,
                                fake_score=shapes, g_opt=g_opt_abs, sg_opt=sg_opt_abs)
             targets = {k: with_shardings(v, getattr(sh, k)) for k, v in state_items(abstract).items()}
-            items = self._open_checkpointer().restore(targets, resume)
+            resume, items = self.restore_newest(targets, json_items=("meta",))
+            self._resume_meta = items.pop("meta")
             state = state_from_items("sd_sfd", resume, items)
             state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
             logging.info("resumed from step %d", resume)
@@ -229,10 +230,18 @@ class SDTrainer(RunDir):
 
     # --------------------------------------------------------------------------------------------- run
     def run(self, sigterm_at_step: int | None = None):
+        """Train for ``training.duration_kimg`` (resuming if the workdir has checkpoints); returns the final state.
+        Stops early, after saving, on SIGTERM/SIGINT (``self.stop_signal`` says which)."""
+        with self.guarded() as stop:
+            self.check_resume_config()
+            self._resume_meta = {}
+            state, sh, frozen, frozen_sh, txs = self.build()
+            start = int(jax.device_get(state.step))
+            self.write_config(start)
+            return self._loop(state, sh, frozen, frozen_sh, txs, start, stop, sigterm_at_step)
+
+    def _loop(self, state, sh, frozen, frozen_sh, txs, start, stop, sigterm_at_step):
         c, t = self.config, self.config.training
-        state, sh, frozen, frozen_sh, txs = self.build()
-        start = int(jax.device_get(state.step))
-        self.write_config()
         ckpt = self._open_checkpointer()
         step_fn = self.make_step(sh, frozen_sh, txs)
         B = int(t.batch)
@@ -242,25 +251,25 @@ class SDTrainer(RunDir):
                      "recipe_seed": int(c.seed)}
         tick, tick_start_nimg = 0, start * B
         if start > 0:
-            meta = ckpt.restore_json("meta", start)
+            meta = self._resume_meta
             tick, tick_start_nimg = int(meta.get("tick", 0)), int(meta.get("tick_start_nimg", start * B))
         gen_for_grids = (lambda st: st.generator_ema if st.generator_ema is not None else st.generator)
-        if start == 0:
+        if start == 0 and not stop.requested:
             self.save_grids(gen_for_grids(state), frozen, "init")
-        logger = MetricsLogger(self.workdir, enabled=self.is_main)
-        stop = {"flag": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        logger = MetricsLogger(self.workdir, enabled=self.is_main, resume_step=start)
         bar = tqdm(total=n_steps, initial=start, desc="sd_sfd", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
         pending, t_tick, steps_in_tick, step = [], time.perf_counter(), 0, start
+        ok = False
         try:
-            while step < n_steps:
+            while step < n_steps and not (stop.requested and step == start):
                 batch = self.device_batch(step)
                 state, metrics = step_fn(state, frozen, batch, self.root_key)
                 step += 1
                 steps_in_tick += 1
                 pending.append(metrics)
                 bar.update(1)
+                ckpt.check()
                 if sigterm_at_step is not None and step == sigterm_at_step:
                     os.kill(os.getpid(), signal.SIGTERM)
                 nimg = step * B
@@ -282,21 +291,20 @@ class SDTrainer(RunDir):
                     tick += 1
                     tick_start_nimg = nimg
                     pending, t_tick, steps_in_tick = [], time.perf_counter(), 0
-                if snapshot or dump or stop["flag"]:
+                if snapshot or dump or stop.requested:
                     ckpt.save(step, state_items(state), config=c,
                               meta={**meta_base, "step": step, "kimg": nimg / 1000.0, "tick": tick,
                                     "tick_start_nimg": tick_start_nimg})
                 if snapshot:
                     self.save_grids(gen_for_grids(state), frozen, f"{nimg:09d}")
-                if stop["flag"]:
-                    logging.warning("SIGTERM: saved step %d, stopping", step)
+                if stop.requested:
+                    logging.warning("%s: saved step %d, stopping", stop.name, step)
                     break
+            ok = True
         finally:
             bar.close()
-            ckpt.wait()
-            ckpt.close()
+            close_checkpointer(ckpt, raise_errors=ok)
             logger.close()
-            signal.signal(signal.SIGTERM, previous)
         return state
 
 

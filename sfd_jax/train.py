@@ -11,6 +11,7 @@ randomness is ``fold_in(key(seed), step)``, so the resumed run reproduces the un
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -21,6 +22,9 @@ config_flags.DEFINE_config_file("config", None, "Recipe config (configs/<recipe>
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Output root: checkpoints/, metrics.jsonl, tb/, samples/, config.json.")
 flags.DEFINE_integer("sigterm_at_step", None, "Testing aid: send SIGTERM to this process after this many steps.")
+flags.DEFINE_list("allow_config_change", [], "On resume, accept these changed settings (dotted keys, or prefixes "
+                  "ending in '.'); the change is recorded in WORKDIR/config_changes.jsonl. Schedule keys (n_iters, "
+                  "log/snapshot frequencies, sampling, mesh) never need it.")
 FLAGS = flags.FLAGS
 
 MODES = ("pretrain", "sfd", "sd_sfd")
@@ -62,27 +66,56 @@ def validate_config(config) -> None:
             raise FileNotFoundError(f"config.init_checkpoint {config.init_checkpoint!r} does not exist")
 
 
-def train_and_evaluate(config, workdir: str, *, sigterm_at_step: int | None = None):
-    """Run (or resume) training in ``workdir``; returns the final state. Everything testable lives below here."""
+def make_trainer(config, workdir: str, *, allow_changes=()):
+    """The trainer of ``config.mode`` for ``workdir``, after validating the config (one-line UsageError)."""
     validate_config(config)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UsageError(f"--workdir {workdir} is a file, not a directory")
     if config.mode == "sd_sfd":
         from sfd_jax.sd_train_loop import SDTrainer
-        return SDTrainer(config, workdir).run(sigterm_at_step=sigterm_at_step)
+        return SDTrainer(config, workdir, allow_changes=tuple(allow_changes))
     from sfd_jax.train_loop import Trainer  # heavy imports only once the flags are parsed
-    trainer = Trainer(config, workdir)
-    return trainer.run(sigterm_at_step=sigterm_at_step)
+    return Trainer(config, workdir, allow_changes=tuple(allow_changes))
+
+
+def train_and_evaluate(config, workdir: str, *, sigterm_at_step: int | None = None, allow_changes=()):
+    """Run (or resume) training in ``workdir``; returns the final state. Everything testable lives below here."""
+    return make_trainer(config, workdir, allow_changes=allow_changes).run(sigterm_at_step=sigterm_at_step)
+
+
+def config_from_flags():
+    """``FLAGS.config``, loaded now: a recipe file that does not exist or does not load is a one-line error
+    (ml_collections defers that failure from flag parsing to the first access)."""
+    path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), None)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        raise UsageError(f"--config={path}: no such recipe file")
+    try:
+        return FLAGS.config
+    except (OSError, ValueError, TypeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise UsageError(f"--config: {lines[-1] if lines else type(e).__name__}") from None
 
 
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.config is None:
+    config = config_from_flags()
+    if config is None:
         raise UsageError("--config is required (configs/<recipe>.py)")
     if not FLAGS.workdir:
         raise UsageError("--workdir is required")
     from sfd_jax import parallel
+    from sfd_jax.checkpoint import CheckpointSaveError
     parallel.maybe_initialize_distributed()
-    train_and_evaluate(FLAGS.config, FLAGS.workdir, sigterm_at_step=FLAGS.sigterm_at_step)
+    trainer = make_trainer(config, FLAGS.workdir, allow_changes=FLAGS.allow_config_change)
+    try:
+        trainer.run(sigterm_at_step=FLAGS.sigterm_at_step)
+    except CheckpointSaveError as e:
+        print(f"sfd_jax.train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)   # Orbax's background threads may still hold the failed save; do not wait for them
+    if trainer.stop_signal == "SIGINT":
+        sys.exit(130)   # interrupted by Ctrl-C: the step was saved, resume with the same command
 
 
 def cli():

@@ -16,7 +16,8 @@ from sfd_jax import diffusion, parallel
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.models.ddpm_unet import ConditionalUNet
 from sfd_jax.sfd.state import (PretrainState, SFDState, make_optimizer, state_from_items, state_items)
-from sfd_jax.run_dir import RunDir, with_shardings
+from sfd_jax.data import device_put_fn, prefetch
+from sfd_jax.run_dir import RunDir, close_checkpointer, with_shardings
 from sfd_jax.train_log import MetricsLogger
 
 
@@ -38,7 +39,7 @@ class Trainer(RunDir):
                         "model.in_channels", "model.out_ch", "model.resamp_with_conv", "data.image_size",
                         "data.n_classes")
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, allow_changes: tuple[str, ...] = ()):
         self.config = config
         self.mode = config.mode
         self.mesh = parallel.mesh_from_config(config)
@@ -52,7 +53,7 @@ class Trainer(RunDir):
         self.model = ConditionalUNet.from_config(config)
         _, self.alphas_cumprod = diffusion.schedule_from_config(config)
         self.root_key = jax.random.key(int(config.seed))
-        self._init_run_dir(config, workdir)
+        self._init_run_dir(config, workdir, allow_changes=allow_changes)
 
     # --------------------------------------------------------------------------------------------- state
     def _param_shardings(self):
@@ -106,7 +107,7 @@ class Trainer(RunDir):
         if resume is not None:
             targets = {k: with_shardings(v, s) for (k, v), s in
                        zip(state_items(abstract).items(), state_items(sh).values())}
-            items = self._open_checkpointer().restore(targets, resume)
+            resume, items = self.restore_newest(targets)
             state = state_from_items(self.mode, resume, items)
             state = state.replace(step=jax.device_put(jnp.int32(resume), self.repl))
             logging.info("resumed from step %d", resume)
@@ -180,11 +181,20 @@ class Trainer(RunDir):
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, sigterm_at_step: int | None = None):
+        """Train to ``training.n_iters`` (resuming if the workdir has checkpoints); returns the final state.
+        Stops early, after saving, on SIGTERM/SIGINT (``self.stop_signal`` says which)."""
+        stream = self._stream() if self.mode == "pretrain" else None   # data errors before any set-up
+        with self.guarded() as stop:
+            self.check_resume_config()
+            state, sh, teacher, txs = self.build()
+            start = int(jax.device_get(state.step))
+            self.write_config(start)
+            return self._loop(state, sh, teacher, txs, start, stream, stop, sigterm_at_step)
+
+    def _loop(self, state, sh, teacher, txs, start, stream, stop, sigterm_at_step):
         c = self.config
-        state, sh, teacher, txs = self.build()
-        start = int(jax.device_get(state.step))
-        batches = self._batches(start) if self.mode == "pretrain" else None  # data errors before any write
-        self.write_config()
+        batches = (prefetch(stream.iterate(start), size=2, to_device=device_put_fn(self.batch_sharding))
+                   if stream is not None else None)
         self._open_checkpointer()
         step_fn = self.make_step(sh, txs)
         n_iters, B = int(c.training.n_iters), int(c.training.batch_size)
@@ -193,18 +203,17 @@ class Trainer(RunDir):
         sampler = self._grid_sampler(sh.generator if self.mode == "sfd" else sh.params)
         lrs = ({"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)} if self.mode == "sfd"
                else {"lr": float(c.optim.lr)})
-        logger = MetricsLogger(self.workdir, enabled=self.is_main)
-        stop = {"flag": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        logger = MetricsLogger(self.workdir, enabled=self.is_main, resume_step=start)
         meta = {"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)}
-        if start == 0:   # every process samples (a collective); only process 0 writes
+        if start == 0 and not stop.requested:   # every process samples (a collective); only process 0 writes
             self.save_grids(sampler, state, 0)
         bar = tqdm(total=n_iters, initial=start, desc=f"{self.mode}", unit="step", disable=not self.is_main,
                    dynamic_ncols=True)
         pending, t_last, steps_since = [], time.perf_counter(), 0
         step = start
+        ok = False
         try:
-            while step < n_iters:
+            while step < n_iters and not (stop.requested and step == start):
                 if self.mode == "sfd":
                     state, metrics = step_fn(state, teacher, self.root_key)
                 else:
@@ -213,9 +222,10 @@ class Trainer(RunDir):
                 step += 1
                 steps_since += 1
                 pending.append(metrics)
+                self.ckpt.check()
                 if sigterm_at_step is not None and step == sigterm_at_step:
                     os.kill(os.getpid(), signal.SIGTERM)
-                if step % log_freq == 0 or step == n_iters or stop["flag"]:
+                if step % log_freq == 0 or step == n_iters or stop.requested:
                     avg = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
                     dt = time.perf_counter() - t_last
                     avg["images_per_s"] = steps_since * B / max(dt, 1e-9)
@@ -223,29 +233,27 @@ class Trainer(RunDir):
                     bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if not k.startswith("lr")}, refresh=False)
                     pending, t_last, steps_since = [], time.perf_counter(), 0
                 bar.update(1)
-                if step % snap == 0 or step in extra or step == n_iters or stop["flag"]:
+                if step % snap == 0 or step in extra or step == n_iters or stop.requested:
                     self.ckpt.save(step, state_items(state), config=c, meta={**meta, "step": step})
                     if step % snap == 0 or step == n_iters:
                         self.save_grids(sampler, state, step)
-                if stop["flag"]:
-                    logging.warning("SIGTERM: saved step %d, stopping", step)
+                if stop.requested:
+                    logging.warning("%s: saved step %d, stopping", stop.name, step)
                     break
+            ok = True
         finally:
             bar.close()
-            self.ckpt.wait()
-            self.ckpt.close()
+            close_checkpointer(self.ckpt, raise_errors=ok)
             logger.close()
-            signal.signal(signal.SIGTERM, previous)
             if batches is not None:
                 batches.close()
         return state
 
-    def _batches(self, start: int):
-        from sfd_jax.data import BatchStream, dataset_from_config, device_put_fn, prefetch
+    def _stream(self):
+        from sfd_jax.data import BatchStream, dataset_from_config
         try:
             ds = dataset_from_config(self.config)
         except (ValueError, OSError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
-        stream = BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        return prefetch(stream.iterate(start), size=2, to_device=device_put_fn(self.batch_sharding))
+        return BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
