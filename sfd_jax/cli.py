@@ -12,6 +12,9 @@ COMMANDS = {
     "bench": ("sfd_jax.bench", "time the jitted train step (images/s, FLOPs, MFU, memory)"),
     "demo": ("sfd_jax.demo", "the end-to-end demo"),
     "evaluate": ("sfd_jax.evaluate", "forgetting metrics, evaluation classifiers, FID/sFID/IS/precision/recall"),
+    "sd_random": ("sfd_jax.sd_random", "write a random (tiny or SD 1.5-shaped) Stable Diffusion pipeline folder"),
+    "sd_tokenizer": ("sfd_jax.sd_tokenizer", "build the CLIP tokenizer files offline from open-clip's BPE list"),
+    "sd_memcheck": ("sfd_jax.sd_memcheck", "peak host memory while loading a full-size SD 1.5 UNet"),
 }
 
 
@@ -19,7 +22,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print("usage: sfd-jax <command> [flags]   (each command takes --help)\n\ncommands:")
         for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:10s} {doc}")
+            print(f"  {name:12s} {doc}")
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     cmd = sys.argv[1]
     if cmd not in COMMANDS:

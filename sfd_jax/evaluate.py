@@ -30,7 +30,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, parse_classes, run
+from sfd_jax.cli_utils import (UsageError, check_input_file, check_input_path, check_output_path, check_positive,
+                               parse_classes, run)
 
 SUBCOMMANDS = ("forgetting", "train-classifier", "fid", "prompts", "nudity")
 INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release "
@@ -155,6 +156,10 @@ def _sample_from_checkpoint(clf_n_classes: int):
                           steps=FLAGS.steps, cond_scale=FLAGS.cond_scale, mesh=mesh)
     images = generate(sampler, net.params, labels, image_shape=shape, batch_size=FLAGS.batch, seed=FLAGS.seed,
                       progress=FLAGS.progress)
+    bad = ~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(-1)
+    if bad.any():
+        raise UsageError(f"the generator of {FLAGS.checkpoint} produced NaN/inf in {int(bad.sum())} of {len(images)} "
+                         "images; refusing to score them")
     forget = config.get("distill", {}).get("label_to_forget", None) if "distill" in config else None
     info = {"checkpoint": os.fspath(FLAGS.checkpoint), "network": net.name, "step": net.step,
             "sampler": sampler_name, "seed": FLAGS.seed, "n_per_class": FLAGS.n_per_class}
@@ -187,6 +192,11 @@ def forgetting_main() -> dict:
     src = FLAGS.checkpoint or FLAGS.samples
     if not os.path.exists(src):
         raise FileNotFoundError(f"{'checkpoint' if FLAGS.checkpoint else 'samples'} {src!r} does not exist")
+    check_positive(batch=FLAGS.batch, n_per_class=FLAGS.n_per_class, steps=FLAGS.steps)
+    if FLAGS.classifier_input_size < 0:
+        raise UsageError(f"--classifier_input_size must be >= 0, got {FLAGS.classifier_input_size}")
+    if FLAGS.out:
+        check_output_path(FLAGS.out, "--out")
 
     samples = None
     if FLAGS.samples:
@@ -220,6 +230,9 @@ def forgetting_main() -> dict:
         raise UsageError(f"--forget={forget} is outside the classifier's classes [0, {clf.config.n_classes})")
 
     logits = predict_logits(clf.config, clf.variables, images, batch_size=FLAGS.batch, progress=FLAGS.progress)
+    if not np.isfinite(logits).all():
+        raise UsageError(f"classifier {FLAGS.classifier} gives NaN/inf logits for "
+                         f"{int((~np.isfinite(logits).all(-1)).sum())} of {len(logits)} images; refusing to score them")
     result = forgetting_metrics(logits, labels, forget, original_normalisation=FLAGS.original_normalisation)
     result["source"] = dict(info, classifier=os.fspath(FLAGS.classifier), classifier_config=clf.config.to_dict())
     print(format_table(result))
@@ -243,8 +256,12 @@ def train_classifier_main() -> dict:
         raise UsageError(f"unknown --arch {FLAGS.arch!r}; expected one of {', '.join(ARCHS)}")
     if FLAGS.stem not in ("cifar", "imagenet"):
         raise UsageError(f"unknown --stem {FLAGS.stem!r}; expected cifar or imagenet")
-    if FLAGS.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {FLAGS.epochs}")
+    check_positive(epochs=FLAGS.epochs, batch=FLAGS.batch, width=FLAGS.width, image_size=FLAGS.image_size)
+    if FLAGS.channels is not None and FLAGS.channels not in (1, 3):
+        raise UsageError(f"--channels must be 1 or 3, got {FLAGS.channels}")
+    if FLAGS.crop_pad is not None and FLAGS.crop_pad < 0:
+        raise UsageError(f"--crop_pad must be >= 0, got {FLAGS.crop_pad}")
+    check_output_path(FLAGS.out, "--out", directory=True)
     try:
         train = load_dataset(FLAGS.dataset, FLAGS.data_path, split=FLAGS.split, image_size=FLAGS.image_size,
                              channels=FLAGS.channels)
@@ -309,6 +326,12 @@ def fid_main() -> dict:
         raise UsageError(f"--resize must be pytorch_fid or tf1, got {FLAGS.resize!r}")
     if not os.path.exists(FLAGS.samples):
         raise FileNotFoundError(f"samples {FLAGS.samples!r} do not exist")
+    check_input_file(FLAGS.inception, "--inception")
+    if not FLAGS.ref.startswith("dataset:"):
+        check_input_path(FLAGS.ref, "--ref")
+    check_positive(batch=FLAGS.batch, is_split_size=FLAGS.is_split_size)
+    if FLAGS.out:
+        check_output_path(FLAGS.out, "--out")
     samples = read_images(FLAGS.samples, exclude_regex=FLAGS.exclude_regex, progress=FLAGS.progress)
     if FLAGS.exclude_class is not None:
         if samples.labels is None:
@@ -354,6 +377,11 @@ def prompts_main() -> dict:
         raise UsageError("--prompts is required (one or more text files, comma-separated, one prompt a line)")
     seeds = parse_seeds(FLAGS.seeds)
     files = [p.strip() for p in FLAGS.prompts.split(",") if p.strip()]
+    for f in files:
+        check_input_file(f, "prompt file")
+    if FLAGS.outdir:
+        check_output_path(FLAGS.outdir, "--outdir", directory=True)
+    check_positive(resolution=FLAGS.resolution)
     res = generate_prompt_images(
         FLAGS.checkpoint, files, seeds, FLAGS.outdir, model=FLAGS.model, init_timestep=FLAGS.init_timestep,
         steps=FLAGS.steps if FLAGS["steps"].present else 1, batch=FLAGS.batch if FLAGS["batch"].present else 64,
@@ -369,6 +397,9 @@ def prompts_main() -> dict:
 def nudity_main(folder: str) -> dict:
     from sfd_jax.eval.nudity import evaluate_folder, format_table
 
+    check_input_path(folder, "image folder")
+    if FLAGS.out:
+        check_output_path(FLAGS.out, "--out")
     report = evaluate_folder(folder, FLAGS.threshold, recursive=FLAGS.recursive, progress=FLAGS.progress)
     print(format_table(report))
     _write_json(FLAGS.out, report)

@@ -17,7 +17,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, parse_classes, run
+from sfd_jax.cli_utils import (UsageError, check_input_file, check_input_path, check_output_path, check_positive,
+                               parse_classes, run)
 
 config_flags.DEFINE_config_file(
     "config", None, "Recipe config (configs/<recipe>.py), with --config.x.y=... overrides. Required for an "
@@ -43,27 +44,48 @@ flags.DEFINE_string("prompt", None, "Stable Diffusion checkpoints: the text prom
 FLAGS = flags.FLAGS
 
 
-def _labels_and_noise(n_classes: int, image_shape) -> tuple[np.ndarray, np.ndarray | None]:
+def read_npy(path: str, flag: str) -> np.ndarray:
+    """An ``.npy`` array (never unpickled: object arrays are refused); UsageError naming ``flag`` otherwise."""
+    check_input_file(path, flag)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{flag} {path} is not a readable .npy of numbers ({e})") from None
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise UsageError(f"{flag} {path} is an .npz archive; expected one .npy array")
+    return arr
+
+
+def _read_replay_files() -> tuple[np.ndarray | None, np.ndarray | None]:
+    """--labels and --noise, read and type-checked before any model is built."""
+    labels = noise = None
     if FLAGS.labels:
-        if not os.path.isfile(FLAGS.labels):
-            raise FileNotFoundError(f"--labels file {FLAGS.labels!r} does not exist")
-        labels = np.load(FLAGS.labels).astype(np.int64).reshape(-1)
-    else:
+        raw = read_npy(FLAGS.labels, "--labels")
+        integral = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and np.isfinite(raw).all()
+                                              and np.array_equal(raw, np.round(raw)))
+        if not integral:
+            raise UsageError(f"--labels {FLAGS.labels} holds {raw.dtype} values; expected integer class labels")
+        labels = raw.astype(np.int64).reshape(-1)
+    if FLAGS.noise:
+        noise = read_npy(FLAGS.noise, "--noise")
+        if noise.dtype.kind not in "fiu" or not np.isfinite(noise).all():
+            raise UsageError(f"--noise {FLAGS.noise} must hold finite numbers, got {noise.dtype}"
+                             + (" with NaN/inf" if noise.dtype.kind == "f" else ""))
+        noise = noise.astype(np.float32)
+    return labels, noise
+
+
+def _labels_and_noise(n_classes: int, image_shape, labels, noise) -> tuple[np.ndarray, np.ndarray | None]:
+    if labels is None:
         classes = parse_classes(FLAGS.classes, n_classes)
-        if FLAGS.n_per_class < 1:
-            raise UsageError(f"--n_per_class must be >= 1, got {FLAGS.n_per_class}")
         labels = np.repeat(np.asarray(classes, np.int64), FLAGS.n_per_class)
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if bad.size:
         raise UsageError(f"label {int(bad[0])} is outside [0, {n_classes})")
-    noise = None
-    if FLAGS.noise:
-        if not os.path.isfile(FLAGS.noise):
-            raise FileNotFoundError(f"--noise file {FLAGS.noise!r} does not exist")
-        noise = np.load(FLAGS.noise).astype(np.float32)
-        if noise.shape != (len(labels),) + tuple(image_shape):
-            raise UsageError(f"--noise has shape {noise.shape}, expected {(len(labels),) + tuple(image_shape)} "
-                             "(N matching the labels, NHWC)")
+    if noise is not None and noise.shape != (len(labels),) + tuple(image_shape):
+        raise UsageError(f"--noise has shape {noise.shape}, expected {(len(labels),) + tuple(image_shape)} "
+                         "(N matching the labels, NHWC)")
     return labels, noise
 
 
@@ -113,6 +135,7 @@ def _sample_sd():
         raise UsageError("this is a Stable Diffusion checkpoint: pass --prompt (or use `evaluate prompts`)")
     if FLAGS.out.endswith(".npz"):
         raise UsageError("--out must be a directory for Stable Diffusion checkpoints")
+    check_output_path(FLAGS.out, "--out", directory=True)
     seeds = list(range(FLAGS.seed, FLAGS.seed + FLAGS.n_per_class))
     generate_prompt_images(FLAGS.checkpoint, [], seeds, FLAGS.out, prompts=[FLAGS.prompt], weights=FLAGS.weights,
                            batch=FLAGS.batch or 64, progress=FLAGS.progress)
@@ -132,11 +155,13 @@ def main(argv):
         raise UsageError(f"unknown --skip {FLAGS.skip!r}; expected uniform or quad")
     if FLAGS.weights not in ("ema", "raw"):
         raise UsageError(f"--weights must be ema or raw, got {FLAGS.weights!r}")
-    if not os.path.exists(FLAGS.checkpoint):
-        raise FileNotFoundError(f"checkpoint {FLAGS.checkpoint!r} does not exist")
+    check_positive(batch=FLAGS.batch, n_per_class=FLAGS.n_per_class, steps=FLAGS.steps)
+    check_input_path(FLAGS.checkpoint, "--checkpoint")
+    check_output_path(FLAGS.out, "--out", directory=not FLAGS.out.endswith(".npz"))
 
     if FLAGS.prompt is not None or _is_sd_checkpoint(FLAGS.checkpoint):
         return _sample_sd()
+    replay_labels, replay_noise = _read_replay_files()
     # Heavy imports after the cheap checks.
     from sfd_jax import diffusion, parallel
     from sfd_jax.ddpm_weights import load_network, t_init_of
@@ -153,7 +178,7 @@ def main(argv):
     if sampler_name != "one_step" and not 1 <= FLAGS.steps <= config.diffusion.num_diffusion_timesteps:
         raise UsageError(f"--steps must be in [1, {config.diffusion.num_diffusion_timesteps}], got {FLAGS.steps}")
     image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
-    labels, noise = _labels_and_noise(config.data.n_classes, image_shape)
+    labels, noise = _labels_and_noise(config.data.n_classes, image_shape, replay_labels, replay_noise)
 
     _, alphas_cumprod = diffusion.schedule_from_config(config)
     sampler = DDPMSampler(ConditionalUNet.from_config(config), alphas_cumprod, sampler=sampler_name,

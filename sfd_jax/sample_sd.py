@@ -17,7 +17,7 @@ import os
 import numpy as np
 from absl import flags
 
-from sfd_jax.cli_utils import UsageError, run
+from sfd_jax.cli_utils import UsageError, check_output_path, check_positive, run
 
 flags.DEFINE_string("model", None, "Diffusers SD pipeline folder (or Hub repo id when online).")
 flags.DEFINE_string("prompt", None, "Text prompt.")
@@ -86,8 +86,10 @@ def main(argv):
     for name in ("model", "prompt", "out"):
         if not FLAGS[name].value and FLAGS[name].value != "":
             raise UsageError(f"--{name} is required")
-    if FLAGS.n < 1 or FLAGS.steps < 1:
-        raise UsageError("--n and --steps must be >= 1")
+    check_positive(n=FLAGS.n, steps=FLAGS.steps, batch=FLAGS.batch, height=FLAGS.height, width=FLAGS.width)
+    if FLAGS.clip_skip < 0:
+        raise UsageError(f"--clip_skip must be >= 0, got {FLAGS.clip_skip}")
+    check_output_path(FLAGS.out, "--out", directory=True)
 
     import jax
     import jax.numpy as jnp

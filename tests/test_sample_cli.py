@@ -111,7 +111,8 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(case, run_dir, pretrai
 
 
 def test_console_script_dispatch_and_help():
-    proc = run_cli("sfd_jax", "sample", "--helpshort")   # absl exits 1 after printing help
+    proc = run_cli("sfd_jax", "sample", "--helpshort")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--sampler" in proc.stdout and "--n_per_class" in proc.stdout
     proc = run_cli("sfd_jax", "frobnicate")
     assert proc.returncode == 2 and "unknown command" in proc.stderr

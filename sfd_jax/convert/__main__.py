@@ -18,7 +18,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, run
+from sfd_jax.cli_utils import UsageError, check_input_file, check_input_path, check_output_path, run
 
 config_flags.DEFINE_config_file("config", None, "Recipe config describing the architecture (configs/<recipe>.py).",
                                 lock_config=False)
@@ -79,11 +79,24 @@ def export_ddpm(checkpoint: str, out: str) -> None:
     save_seed_ddpm_checkpoint(out, step=step, **nets)
 
 
+def _check_paths(command: str) -> None:
+    """Inputs exist and --out can be written, before anything is read or built."""
+    for name in {"ddpm": ("src",), "sid-lsg": ("src",)}.get(command, ()):
+        if FLAGS[name].value:
+            check_input_file(FLAGS[name].value, f"--{name}")
+    for name in {"import-diffusers": ("src",), "export-diffusers": ("checkpoint", "base"),
+                 "ddpm-to-pth": ("checkpoint",)}.get(command, ()):
+        if FLAGS[name].value:
+            check_input_path(FLAGS[name].value, f"--{name}")
+    check_output_path(FLAGS.out, "--out", directory=command != "ddpm-to-pth")
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise UsageError(f"expected one command out of {', '.join(COMMANDS)} (got {' '.join(argv[1:]) or 'none'})")
     if not FLAGS.out:
         raise UsageError("--out is required")
+    _check_paths(argv[1])
     if argv[1] == "ddpm":
         if not FLAGS.src:
             raise UsageError("--src is required")

@@ -111,8 +111,17 @@ def state_dict_to_params(state_dict: Mapping[str, Any]) -> dict:
             key = key[len("module."):]
         if key == "logvar":  # only model.type == 'bayesian' has it; never used by any code path
             continue
-        value = np.asarray(value)
-        _set(params, torch_key_to_flax_path(key, value.ndim), _to_flax_array(key, value).astype(np.float32))
+        if type(key) is not str or not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            raise CheckpointMismatchError(f"state dict entry {key!r} is a {type(value).__name__}"
+                                          f"{' of ' + str(value.dtype) if isinstance(value, np.ndarray) else ''}, "
+                                          "not a numeric tensor")
+        try:
+            path = torch_key_to_flax_path(key, value.ndim)
+        except (IndexError, KeyError, ValueError) as e:
+            if isinstance(e, CheckpointMismatchError):
+                raise
+            raise CheckpointMismatchError(f"unexpected parameter name {key!r} in checkpoint") from None
+        _set(params, path, _to_flax_array(key, value).astype(np.float32))
     return params
 
 
@@ -180,7 +189,10 @@ def read_seed_ddpm_checkpoint(path: str | os.PathLike) -> tuple[str, int | None,
             return None
         if not isinstance(sd, Mapping):
             raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(sd).__name__}")
-        return state_dict_to_params(sd)
+        try:
+            return state_dict_to_params(sd)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{path}: {e}") from None
 
     n = len(obj)
     if n <= 4:   # [model, opt, step, ema] / [model, opt, step] / [model]

@@ -170,7 +170,7 @@ class RefStats:
 
     @classmethod
     def load(cls, path: str) -> "RefStats":
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return cls(n=int(z["n"]) if "n" in z.files else -1, mu=z["mu"], sigma=z["sigma"],
                        mu_spatial=z["mu_s"] if "mu_s" in z.files else None,
                        sigma_spatial=z["sigma_s"] if "sigma_s" in z.files else None,
@@ -199,10 +199,13 @@ def _reference_images(ref: str, data_path: str | None, exclude_regex: str | None
             raise UsageError(str(e)) from None
         s = ImageSet(ds.images, ds.labels, [f"{ds.name}[{i}]" for i in range(len(ds))], ref)
     elif os.path.isfile(ref) and ref.endswith(".npz"):
-        with np.load(ref) as z:
-            if "mu" in z.files and "sigma" in z.files and not ({"images", "arr_0"} & set(z.files)):
-                return RefStats(-1, z["mu"], z["sigma"], z["mu_s"] if "mu_s" in z.files else None,
-                                z["sigma_s"] if "sigma_s" in z.files else None)
+        try:
+            with np.load(ref, allow_pickle=False) as z:
+                if "mu" in z.files and "sigma" in z.files and not ({"images", "arr_0"} & set(z.files)):
+                    return RefStats(-1, z["mu"], z["sigma"], z["mu_s"] if "mu_s" in z.files else None,
+                                    z["sigma_s"] if "sigma_s" in z.files else None)
+        except (ValueError, OSError, EOFError, AttributeError) as e:   # object arrays, corrupt or not an npz
+            raise UsageError(f"--ref {ref} is not a readable .npz ({type(e).__name__}: {e})") from None
         s = read_images(ref, progress=progress)
     else:
         s = read_images(ref, exclude_regex=exclude_regex, progress=progress)

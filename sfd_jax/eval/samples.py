@@ -66,17 +66,35 @@ def _as_nhwc_uint8(arr: np.ndarray, what: str) -> np.ndarray:
         return np.ascontiguousarray(arr)
     if np.issubdtype(arr.dtype, np.floating):
         from sfd_jax.images import to_uint8
+        finite = np.isfinite(arr).reshape(len(arr), -1).all(-1)
+        if not finite.all():
+            raise UsageError(f"{what}: {int((~finite).sum())} of {len(arr)} images contain NaN or inf "
+                             f"(first: image {int(np.flatnonzero(~finite)[0])}); refusing to score them")
         return to_uint8(arr)
     raise UsageError(f"{what}: images must be uint8 (0..255) or float (data space [-1, 1]), got {arr.dtype}")
 
 
 def read_npz(path: str) -> ImageSet:
-    with np.load(path) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path} is a single .npy array, not an .npz with 'images'")
+    with z:
         key = "images" if "images" in z.files else ("arr_0" if "arr_0" in z.files else None)
         if key is None:
             raise UsageError(f"{path} has no 'images' (or 'arr_0') array; it holds {', '.join(z.files) or 'nothing'}")
-        images = _as_nhwc_uint8(z[key], path)
-        labels = np.asarray(z["labels"]).astype(np.int64).reshape(-1) if "labels" in z.files else None
+        try:
+            images = z[key]
+            labels = np.asarray(z["labels"]) if "labels" in z.files else None
+        except (ValueError, OSError, EOFError) as e:   # object arrays (pickles) are refused; corrupt members
+            raise UsageError(f"{path}: unreadable array ({type(e).__name__}: {e})") from None
+        images = _as_nhwc_uint8(images, path)
+        if labels is not None:
+            if labels.dtype.kind not in "iub":
+                raise UsageError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+            labels = labels.astype(np.int64).reshape(-1)
     if len(images) == 0:
         raise UsageError(f"{path} holds no images")
     if labels is not None and len(labels) != len(images):

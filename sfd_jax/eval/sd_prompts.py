@@ -14,8 +14,10 @@ the VAE decodes them and the image is saved as ``{outdir}/{folder}/{seed:05d}.{p
 - JPEG (``fmt='jpg'``) is written by PIL at quality 75, PIL's default that the original used (seed_facts M11).
 - Folder names: the prompt text verbatim (as the original), except that '/' and NUL become '_', a name '.' or
   '..' becomes '_' / '__', and a name longer than 200 UTF-8 bytes is cut to 191 bytes (at a character boundary)
-  plus '_' and the first 8 hex digits of the prompt's SHA-1. Should two prompts still share a folder, the later
-  one gets the '_<sha1[:8]>' suffix too. ``index.json`` maps every prompt to its folder.
+  plus '_' and the first 8 hex digits of the prompt's SHA-1; an empty name becomes '_'. A name equal to
+  ``index.json`` (the index file the command writes) gets the same suffix. Should two prompts still share a
+  folder (compared case-insensitively), the later one gets the '_<sha1[:8]>' suffix too. ``index.json`` maps
+  every prompt to its folder.
 - Resumable: existing images are skipped unless ``overwrite``; each file is written under a temporary name and
   renamed, so an interrupted run leaves no truncated image behind.
 """
@@ -29,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from sfd_jax.cli_utils import UsageError
+from sfd_jax.cli_utils import UsageError, check_output_path
 
 MAX_NAME_BYTES = 200
 MAX_SEED = 2 ** 31 - 1
@@ -90,27 +92,32 @@ def _with_suffix(name: str, suffix: str) -> str:
     return name.encode("utf-8")[:room].decode("utf-8", errors="ignore") + suffix
 
 
+INDEX_NAME = "index.json"
+RESERVED_NAMES = frozenset({INDEX_NAME})   # files the command writes next to the prompt folders
+
+
 def prompt_folder(prompt: str) -> str:
     """The folder name of one prompt (see the module docstring)."""
     name = prompt.replace("/", "_").replace("\0", "_")
-    if name in (".", ".."):
-        name = "_" * len(name)
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+    if name in ("", ".", ".."):
+        name = "_" * max(1, len(name))
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES or name.casefold() in RESERVED_NAMES:
         name = _with_suffix(name, f"_{_short_hash(prompt)}")
     return name
 
 
 def prompt_folders(prompts: list[str]) -> list[str]:
-    """Folder names of distinct prompts; a name already taken gets the '_<sha1[:8]>' suffix (then a counter)."""
+    """Folder names of distinct prompts; a name already taken (compared case-insensitively, for case-insensitive
+    file systems) gets the '_<sha1[:8]>' suffix (then a counter)."""
     out: list[str] = []
-    used: set[str] = set()
+    used: set[str] = set(RESERVED_NAMES)
     for p in prompts:
         name = prompt_folder(p)
-        if name in used:
+        if name.casefold() in used:
             base, name, k = name, _with_suffix(name, f"_{_short_hash(p)}"), 1
-            while name in used:
+            while name.casefold() in used:
                 name, k = _with_suffix(base, f"_{_short_hash(p)}_{k}"), k + 1
-        used.add(name)
+        used.add(name.casefold())
         out.append(name)
     return out
 
@@ -219,6 +226,7 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
         raise UsageError(f"--batch must be >= 1, got {batch}")
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    check_output_path(outdir, "--outdir", directory=True)
     prompts = list(dict.fromkeys(prompts)) if prompts is not None else read_prompts(prompt_files)
     folders = prompt_folders(prompts)
 
@@ -265,7 +273,7 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
              "format": fmt, "dtype": dtype, "noise": "jax.random.normal(jax.random.key(seed), (h, w, 4))",
              "uint8": "clip(x*127.5+128, 0, 255) truncated"}
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "index.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(outdir, INDEX_NAME), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, ensure_ascii=False)
 
     jobs = []  # (prompt index, seed, path)
