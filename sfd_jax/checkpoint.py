@@ -90,6 +90,7 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._bad: dict[int, str] = {}
+        self._pending: int | None = None   # step of an asynchronous save not yet known to have finished
 
     # ---------------------------------------------------------------------------------------------- save
     def save(self, step: int, items: Mapping[str, Any], *, config: ml_collections.ConfigDict | None = None,
@@ -102,15 +103,39 @@ class Checkpointer:
         if config is not None:
             args["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
         args["meta"] = ocp.args.JsonSave(dict(meta or {}))
-        self._guard(lambda: self.manager.check_for_errors(), "an earlier asynchronous save")
+        self.wait()   # Orbax waits for the previous save anyway; its space is then taken and its errors known
+        self._check_space(step, items)
         self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**args), force=force), f"step {step}")
+        self._pending = step
 
     def check(self) -> None:
         """Raise :class:`CheckpointSaveError` now if a background save has failed (cheap; call once a step)."""
-        self._guard(lambda: self.manager.check_for_errors(), "an asynchronous save")
+        self._guard(lambda: self.manager.check_for_errors(), self._pending_what())
 
     def wait(self) -> None:
-        self._guard(self.manager.wait_until_finished, "the last asynchronous save")
+        self._guard(self.manager.wait_until_finished, self._pending_what())
+        self._pending = None
+
+    def _pending_what(self) -> str:
+        return f"step {self._pending}" if self._pending is not None else "an earlier asynchronous save"
+
+    def _check_space(self, step: int, items: Mapping[str, Any]) -> None:
+        """Refuse a save that cannot fit on a local disk before writing any of it (a full disk mid-save leaves
+        Orbax's background threads failing in ways that are slow and noisy to unwind)."""
+        if "://" in os.fspath(self.directory):
+            return
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(dict(items)))
+        need = int(need * 1.05) + (1 << 20)   # metadata, JSON items, file-system blocks
+        probe = self.directory
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(os.fspath(probe)).free
+        if need > free:
+            good = self.complete_steps()
+            raise CheckpointSaveError(
+                f"not enough disk space for checkpoint step {step} in {self.directory}: it needs about "
+                f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; "
+                + (f"the last complete checkpoint is step {good[-1]}" if good else "no complete checkpoint exists"))
 
     def close(self) -> None:
         try:

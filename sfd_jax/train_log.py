@@ -95,7 +95,7 @@ class MetricsLogger:
             return
         os.makedirs(workdir, exist_ok=True)
         jsonl, tb_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tb")
-        dropped = truncate_jsonl(jsonl, resume_step) + truncate_tb(tb_dir, resume_step)
+        dropped = truncate_jsonl(jsonl, resume_step) + truncate_tb(tb_dir, resume_step)   # also at step 0
         if dropped:
             print(f"resuming at step {resume_step}: dropped {dropped} log records of later steps "
                   "(logged after the last checkpoint)", flush=True)

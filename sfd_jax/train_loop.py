@@ -250,10 +250,13 @@ class Trainer(RunDir):
         return state
 
     def _stream(self):
+        """The batch stream of the pretraining data (any failure to open or use it: one line naming the file)."""
         from sfd_jax.data import BatchStream, dataset_from_config
+        where = self.config.data.get("path", "") or self.config.data.dataset
         try:
             ds = dataset_from_config(self.config)
+            return BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
+                                           process_count=jax.process_count())
         except (ValueError, OSError) as e:
-            raise UsageError(str(e).splitlines()[0]) from None
-        return BatchStream.from_config(ds, self.config, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+            line = str(e).splitlines()[0]
+            raise UsageError(line if where in line else f"{where}: {line}") from None
