@@ -1,4 +1,4 @@
-r"""Forget a celebrity in Stable Diffusion 1.5 (the original ``SD/run_sfd.sh``, seed_facts §2.2).
+r"""Forget a celebrity in Stable Diffusion 1.5 (the original ``SD/run_sfd.sh``).
 
   python -m sfd_jax.train --config=configs/sd15_celebrity.py --workdir=runs/brad_pitt \
       --config.sd.model=PATH/stable-diffusion-v1-5 --config.sd.generator_init=runs/sid_lsg \
@@ -10,7 +10,8 @@ t_init 625, Adam (β 0, 0.999), lr 3e-6 (fake score) / glr 1e-6 (generator), bat
 coefficients 1.0, no EMA, tick 1 kimg, snapshot and dump every 5 ticks, 1000 kimg. The original ran with --fp16,
 i.e. fp16 weights and fp16 Adam moments: we emulate that optimizer (``optim.precision='fp16_emulated'``, eps 1e-6,
 G gradients clipped by value 1 as the original does under --fp16) because the learning rates above were chosen
-under it (seed_facts P1: for small gradients fp16 Adam makes SGD-like steps lr·g/eps). Set
+under it: for small gradients fp16 Adam makes SGD-like steps lr·g/eps
+(README: "The original release and our differences" › SD precision). Set
 ``--config.optim.precision=fp32 --config.optim.eps=1e-8 --config.optim.g_clip_value=0`` for plain fp32 Adam, with
 re-tuned learning rates. The generator starts from SiD-LSG (``python -m sfd_jax.convert sid-lsg``); without
 ``sd.generator_init`` it starts from the teacher, which is not a one-step generator yet.

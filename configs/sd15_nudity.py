@@ -1,4 +1,4 @@
-r"""Forget nudity in Stable Diffusion 1.5 (the original README's nudity example, seed_facts §2.2, §2.6).
+r"""Forget nudity in Stable Diffusion 1.5 (the original README's nudity example).
 
   python -m sfd_jax.train --config=configs/sd15_nudity.py --workdir=runs/nudity \
       --config.sd.model=PATH/stable-diffusion-v1-5 --config.sd.generator_init=runs/sid_lsg \
@@ -9,7 +9,7 @@ the override prompt is the plain subject (empty concept -> identity override); t
 keyword list (``prompts.neg``), used as the unconditional text of the fake score in training and of both networks
 in the generator loss (use_neg 1,1,1). With κ 4.5 the teacher target is the plain subject guided away from the NSFW
 prompt. Everything else as ``sd15_celebrity.py`` (8 x 1 batch, fp16-emulated Adam). The original's val file was
-missing (seed_facts M2); ours is ``prompts/nudity_val.txt``.
+missing; ours is ``prompts/nudity_val.txt``.
 """
 import os
 

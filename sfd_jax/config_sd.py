@@ -1,5 +1,6 @@
-"""The Stable Diffusion SFD recipe base (seed_facts §2.1-2.2, the original's ``SD/train.py`` flags and
-``run_sfd.sh``), under names close to the original flags. ``configs/sd15_*.py`` start from :func:`sd_sfd_config`.
+"""The Stable Diffusion SFD recipe base (the original's ``SD/train.py`` flags and ``run_sfd.sh``;
+README: "The original release and our differences" › SD distillation), under names close to the original flags.
+``configs/sd15_*.py`` start from :func:`sd_sfd_config`.
 
 Original flag -> key: --sd_model -> sd.model; --resolution -> sd.resolution; --from_distill_ema -> sd.generator_init
 (our checkpoint, e.g. made by ``convert sid-lsg``); --init_timestep, --alpha, --tmin, --tmax, --cfg_train_fake
@@ -10,7 +11,8 @@ Original flag -> key: --sd_model -> sd.model; --resolution -> sd.resolution; --f
 --optimizer, --lr, --glr -> optim.*; --batch, --batch-gpu -> training.batch, training.batch_per_device;
 --duration (Mimg) -> training.duration_kimg; --tick, --snap, --dump -> training.tick_kimg, snap_ticks, dump_ticks;
 --ema (Mimg) -> training.ema_halflife_kimg; --seed -> seed; --fp16 -> optim.precision='fp16_emulated' (we keep
-float32 master weights; see README "Differences").
+float32 master weights;
+README: "The original release and our differences" › Where we differ: SD).
 """
 from __future__ import annotations
 

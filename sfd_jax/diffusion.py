@@ -1,4 +1,5 @@
-"""Diffusion math shared by training and sampling (seed_facts §1.2, §1.5 "One-step generator", §1.7).
+"""Diffusion math shared by training and sampling
+(README: "The original release and our differences" › DDPM sampling, DDPM distillation).
 
 Conventions: images are NHWC in data space [-1, 1]; timesteps are integers 0..T-1 (float inside the network);
 ``alphas_cumprod`` (ā) is a float32 vector of length T, bit-identical to the original's.
@@ -179,7 +180,7 @@ def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, seq: np.ndarray, alphas_cumprod, 
 
 
 def ddpm_sample(eps_fn: EpsFn, x_T: jax.Array, seq: np.ndarray, alphas_cumprod, *, rng: jax.Array) -> jax.Array:
-    """Ancestral DDPM over ``seq`` (the math the original's broken ``ddpm_noisy`` path intended, §1.7).
+    """Ancestral DDPM over ``seq`` (the math the original's broken ``ddpm_noisy`` path intended).
 
     β_t = 1 − ā_t/ā_prev; x0 = √(1/ā)x − √(1/ā − 1)ε clipped to [−1, 1];
     mean = (√ā_prev β_t x0 + √(1−β_t)(1−ā_prev) x)/(1−ā_t); x ← mean + √β_t·N(0, I), no noise at t = 0.

@@ -1,4 +1,5 @@
-"""The SiD / SFD losses — the only place these formulas live (seed_facts §1.4, §1.5; used by DDPM and SD alike).
+"""The SiD / SFD losses — the only place these formulas live (used by DDPM and SD alike;
+README: "The original release and our differences" › DDPM distillation).
 
 Written against *eps functions* ``eps_fn(x_t: [B,H,W,C], t: [B] float) -> eps [B,H,W,C]``; the caller binds
 parameters, labels or text embeddings and guidance into them. Every loss returns one value per sample, [B], in

@@ -1,4 +1,5 @@
-"""The one-step (and k-step) SD generator and the guided denoiser of SFD (seed_facts §2.4), in latent space.
+"""The one-step (and k-step) SD generator and the guided denoiser of SFD, in latent space
+(README: "The original release and our differences" › SD distillation).
 
 Layouts: latents NHWC [B, h, w, 4] float32; text embeddings [B, 77, D]; timesteps int. The UNet is our
 :class:`sfd_jax.models.sd_unet.UNet2DConditionModel`; ``alphas_cumprod`` the SD schedule's ā (float32 [1000]).

@@ -1,13 +1,14 @@
-"""Noise-schedule math for Stable Diffusion (seed_facts §2.3-2.4): scaled_linear betas, add_noise, x0/eps/v
-conversions, classifier-free guidance and DDIM.
+"""Noise-schedule math for Stable Diffusion: scaled_linear betas, add_noise, x0/eps/v conversions, classifier-free
+guidance and DDIM (README: "The original release and our differences" › SD distillation).
 
 Conventions: latents are NHWC float32; timesteps are integers 0..T-1; ``alphas_cumprod`` (ā) is float32 [T],
 bit-identical to ``diffusers.DDPMScheduler(beta_schedule='scaled_linear')`` (betas = linspace(√β0, √β1, T)² in
 float32, ā = cumprod(1 − β) as torch computes it). For SD 1.5 at t = 625: ā = 0.137769.
 
 Differences from the original: ``clip_sample`` is always off (the original relied on the SD 1.5 scheduler config
-saying so, while diffusers' DDPMScheduler defaults to clipping, seed_facts M3); v-prediction is implemented and
-tested (the original's v-prediction path is broken, §2.5).
+saying so, while diffusers' DDPMScheduler defaults to clipping); v-prediction is implemented and tested (the
+original's v-prediction path is broken;
+README: "The original release and our differences" › Known bugs of the original and what we do).
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def pred_epsilon(model_output: jax.Array, x_t: jax.Array, t, alphas_cumprod,
 
 
 def guided(out_uncond: jax.Array, out_cond: jax.Array, scale) -> jax.Array:
-    """SD classifier-free guidance: uncond + w·(cond − uncond); w = 1 is no guidance (seed_facts §2.4)."""
+    """SD classifier-free guidance: uncond + w·(cond − uncond); w = 1 is no guidance."""
     return out_uncond + scale * (out_cond - out_uncond)
 
 

@@ -14,7 +14,7 @@ def ac():
 
 
 def test_alphas_cumprod_handy_values(ac):
-    """seed_facts §1.2's values for the linear 1e-4..0.02 schedule."""
+    """The original's float32 ā for the linear 1e-4..0.02 schedule at a few t."""
     assert ac.dtype == np.float32 and ac.shape == (1000,)
     for t, want in [(38, 0.981507), (440, 0.137710), (711, 0.005871), (20, 0.993735)]:
         assert abs(float(ac[t]) - want) < 1e-6, t

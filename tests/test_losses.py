@@ -1,4 +1,4 @@
-"""The SiD/SFD losses against the formulas of seed_facts §1.4/§1.5, written again here in PyTorch (autograd)."""
+"""The SiD/SFD losses against the original's formulas, written again here in PyTorch (autograd)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +33,7 @@ def torch_eps(w, bias):
 
 
 def torch_sid(p, sg, x0, t, e, alpha, diffinst):
-    """seed_facts §1.5 'The generator loss', per sample, in torch."""
+    """The original's SiD generator loss, per sample, in torch."""
     a = torch.from_numpy(AC)[t].view(-1, 1, 1, 1)
     aa, bb = a.sqrt(), (1 - a).sqrt()
     tf = t.float()

@@ -1,6 +1,6 @@
 """Parity with an independent PyTorch re-implementation of the original UNet and samplers (fp32, <= 1e-4).
 
-The reference (tests/torch_reference.py) is written from seed_facts.md; its weights reach our model only
+The reference (tests/torch_reference.py) is written without the original's code; its weights reach our model only
 through an original-format ``.pth`` and :func:`load_seed_ddpm_checkpoint`, so these tests cover the
 converter too.
 """

@@ -1,4 +1,5 @@
-"""Prompt datasets for SD concept forgetting (sfd_jax.data.prompts; seed_facts §2.6, §2.8, M6, M9, M13)."""
+"""Prompt datasets for SD concept forgetting (sfd_jax.data.prompts;
+README: "The original release and our differences" › SD prompts)."""
 from __future__ import annotations
 
 import collections

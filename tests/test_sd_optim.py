@@ -1,4 +1,5 @@
-"""sfd_jax.sfd.sd_optim: torch's Adam/AdamW as optax transformations, in float32 and emulated pure fp16 (P1, E5)."""
+"""sfd_jax.sfd.sd_optim: torch's Adam/AdamW as optax transformations, in float32 and emulated pure fp16
+(README: "The original release and our differences" › SD precision)."""
 from __future__ import annotations
 
 import jax
@@ -179,7 +180,7 @@ def test_bias_correction_beyond_the_exact_table_uses_the_float32_formula():
 
 
 def test_p1_example_first_fp16_step_is_sgd_like_without_torch():
-    """seed_facts P1: grads [1e-5, 1e-3, 5e-3, 1e-1] on zero fp16 params, lr 1e-6, eps 1e-6."""
+    """The SGD-like fp16 step: grads [1e-5, 1e-3, 5e-3, 1e-1] on zero fp16 params, lr 1e-6, eps 1e-6."""
     params = {"w": jnp.zeros(4)}
     grads = {"w": jnp.asarray([1e-5, 1e-3, 5e-3, 1e-1])}
     out = {}
@@ -229,7 +230,7 @@ def test_fp16_emulated_matches_a_numpy_float16_reference_elementwise():
 
 
 def test_inf_gradient_gives_nan_weights_without_clipping_as_in_the_original():
-    """E5: nan_to_num maps +-inf to +-1e5, which is +-inf in fp16; unclipped Adam then writes NaN."""
+    """nan_to_num maps +-inf to +-1e5, which is +-inf in fp16; unclipped Adam then writes NaN."""
     params = {"w": jnp.asarray([0.5, -0.25, 0.0, 1.0])}
     raw = {"w": jnp.asarray([jnp.inf, -jnp.inf, jnp.nan, 1e-3])}
     g16 = so.nan_to_num_grads(raw, "fp16_emulated")["w"]
@@ -300,7 +301,7 @@ def test_fp16_emulated_is_bit_identical_to_torch_fp16_adam(kind, lr, betas):
 @pytest.mark.torch
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_fp16_inf_gradient_handling_matches_torch(clip):
-    """E5 against torch: fp16 grads with inf/NaN -> nan_to_num (1e5 overflows to inf) -> [clip_grad_value_] -> Adam."""
+    """Against torch: fp16 grads with inf/NaN -> nan_to_num (1e5 overflows to inf) -> [clip_grad_value_] -> Adam."""
     torch = pytest.importorskip("torch")
     params = {"w": np.asarray([0.5, -0.25, 0.0, 1.0, 2.0, -3.0], np.float16).astype(np.float32)}
     raw = np.asarray([np.inf, -np.inf, np.nan, 1e-3, 70000.0, -2.0], np.float32)

@@ -1,5 +1,6 @@
 """The SD SFD round losses and their gradients against the original's semantics written here in PyTorch
-(seed_facts §2.4-2.5, P2, M1, E1-E3): diffusers UNets with the same weights, the same random numbers, fp32.
+(README: "The original release and our differences" › SD distillation): diffusers UNets with the same
+weights, the same random numbers, fp32.
 
 One accumulation round of each phase with guidance (κ 4.5 / 3 / 2), negative prompts, context dropout and
 alpha != 1; a forget sample whose override embedding is NaN is dropped from the loss (NaN masking)."""
@@ -99,7 +100,7 @@ def _sg_reference(setup, fake_t, G_t):
     kr, kf = jax.random.split(jax.random.key(14))
     empty = torch.from_numpy(np.broadcast_to(table[0], (M, 77, 32)).copy())
     tab = torch.from_numpy(table)
-    # remain: dropout blanks the prompt but not its negative (P2); G generates from the post-dropout prompt (E2)
+    # remain: dropout blanks the prompt but not its negative; G generates from the post-dropout prompt
     d = _draw(setup, kr)
     drop = torch.from_numpy(d["drop"])[:, None, None]
     emb = torch.where(drop, empty, torch.from_numpy(setup["emb"]["sg_remain"]))
@@ -110,7 +111,7 @@ def _sg_reference(setup, fake_t, G_t):
     per = ((eps - _t(d["noise"])) ** 2).sum(dim=(1, 2, 3))
     ok = ~torch.isnan(per)
     l_r = per[ok].sum() * s.ls / s.batch
-    # forget with sg_w_override and negatives: the override prompts replace the forget prompts (M1), both blanked
+    # forget with sg_w_override and negatives: the override prompts replace the forget prompts, both blanked
     d = _draw(setup, kf)
     drop = torch.from_numpy(d["drop"])[:, None, None]
     f = torch.where(drop, empty, tab[torch.from_numpy(rb["sg_override"]).long()])

@@ -1,4 +1,5 @@
-"""Tests of the PyTorch reference itself (tests/torch_reference.py) against seed_facts §1.1, §1.2, §1.7."""
+"""Tests of the PyTorch reference itself (tests/torch_reference.py) against the original's network, schedule and
+samplers (README: "The original release and our differences" › DDPM network)."""
 
 import math
 
@@ -72,7 +73,7 @@ def _tiny_inputs(b=4, seed=1):
     return x, t, c
 
 
-# ---------------------------------------------------------------- parameter counts (§1.1)
+# ---------------------------------------------------------------- parameter counts
 
 
 def test_cifar10_param_count(cifar_model):
@@ -109,7 +110,7 @@ def test_stl10_param_count_and_breakdown(stl_model):
     }
     assert counts == expected
     sd = stl_model.state_dict()
-    # §1.1 STL-10 walk-through
+    # the STL-10 layout
     assert "down.4.downsample.conv.weight" not in sd
     assert sd["down.4.block.0.nin_shortcut.weight"].shape == (512, 256, 1, 1)
     assert sd["mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
@@ -121,11 +122,11 @@ def test_stl10_param_count_and_breakdown(stl_model):
     assert not any(k.startswith(("down.1.attn", "up.1.attn", "down.3.attn", "up.3.attn")) for k in sd)
 
 
-# ---------------------------------------------------------------- state_dict naming (§1.1)
+# ---------------------------------------------------------------- state_dict naming
 
 
 def _expected_keys(L, num_res_blocks, attn_levels, nin_down, nin_up):
-    """The §1.1 naming scheme in named_parameters order."""
+    """The original's naming scheme in named_parameters order."""
     keys = ["null_classes_emb"]
     keys += [f"temb.dense.{k}.{w}" for k in (0, 1) for w in ("weight", "bias")]
     keys += ["classes_emb.weight"]
@@ -201,7 +202,7 @@ def test_class_embedding_width_is_4ch(tiny_model):
     assert sd["mid.block_1.temb_cemb_proj.weight"].shape == (64, 256)
 
 
-# ---------------------------------------------------------------- forward / CFG (§1.1)
+# ---------------------------------------------------------------- forward / CFG
 
 
 def test_tiny_forward_shape(tiny_model):
@@ -305,7 +306,7 @@ def test_timestep_embedding():
     np.testing.assert_allclose(emb[1, half - 1].item(), math.sin(1e-4), rtol=1e-4)
 
 
-# ---------------------------------------------------------------- schedules (§1.2)
+# ---------------------------------------------------------------- schedules
 
 
 def test_beta_schedules():
@@ -361,7 +362,7 @@ def test_compute_alpha():
     torch.testing.assert_close(a[1:].flatten(), abar[[0, 440, 999]], rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------- samplers (§1.5, §1.7)
+# ---------------------------------------------------------------- samplers
 
 
 def test_ref_seq():

@@ -1,6 +1,6 @@
 """Original DDPM ``.pth`` checkpoints <-> :class:`~sfd_jax.models.ddpm_unet.ConditionalUNet` parameters.
 
-File formats (seed_facts §1.4, §1.5 E): a pickled Python list
+File formats (README: "The original release and our differences" › DDPM distillation): a pickled Python list
   pretrained  ``[model_sd, optimizer_sd, step, ema_sd]`` (3 entries when EMA was off),
   distilled   ``[fake_score_sd, fake_score_opt, generator_sd, generator_opt, step, generator_ema_sd]``
 with ``None`` in place of absent entries (early-stage snapshots). A bare state dict is read as a model.

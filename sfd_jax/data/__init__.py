@@ -1,4 +1,5 @@
-"""Image data for DDPM pretraining and classifier training (seed_facts §1.3).
+"""Image data for DDPM pretraining and classifier training
+(README: "The original release and our differences" › DDPM pretraining).
 
 - ``formats``: file readers (CIFAR-10 python batches/tar.gz, STL-10 .bin, idx, sklearn digits, .npz); a safe
   unpickler for the CIFAR pickles.

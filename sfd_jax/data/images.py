@@ -1,4 +1,5 @@
-"""Image datasets for DDPM pretraining and classifier training (seed_facts §1.3).
+"""Image datasets for DDPM pretraining and classifier training
+(README: "The original release and our differences" › DDPM pretraining).
 
 Images are held in memory as uint8 NHWC arrays (values 0..255); :func:`to_model_space` maps them to the model's
 data space, float32 in [-1, 1] (ToTensor's x/255, then 2x-1). :func:`load_dataset` reads the original files
@@ -22,7 +23,7 @@ from sfd_jax.data.formats import DatasetError
 DATASETS = ("cifar10", "stl10", "mnist", "fashion_mnist", "digits", "npz")
 _ALIASES = {"cifar10": "cifar10", "stl10": "stl10", "mnist": "mnist", "fashionmnist": "fashion_mnist",
             "digits": "digits", "npz": "npz"}
-# The split the original's get_dataset used for each dataset (seed_facts §1.3): STL-10 joins train and test.
+# The split the original's get_dataset used for each dataset: STL-10 joins train and test.
 DEFAULT_SPLITS = {"cifar10": "train", "stl10": "train+test", "mnist": "train", "fashion_mnist": "train",
                   "digits": "train", "npz": "all"}
 DEFAULT_PATH = "./data"   # the original's config.data.path

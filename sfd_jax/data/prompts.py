@@ -1,4 +1,5 @@
-"""Prompt datasets for Stable Diffusion concept forgetting (seed_facts §2.6, §2.8; Part 4 M6, M9, M13, W7, W8, E7, E8).
+"""Prompt datasets for Stable Diffusion concept forgetting
+(README: "The original release and our differences" › SD prompts).
 
 - :class:`RemainPrompts`: the "remain" captions (LAION-Aesthetics style), one per line.
 - :class:`ForgetPrompts`: the original's ``ForgetPromptDataset``: forget prompts (file or ``|``-separated concept),
@@ -20,12 +21,12 @@ Host ``process_index`` of ``process_count`` draws the contiguous slice
 randomness (pos keyword and placement, neg choice) uses ``np.random.default_rng([seed, stream, step, j, 7])`` with
 the *global* j, so it does not depend on the process count. Hence the hosts' slices concatenate to the
 single-process batch, and a resumed run (same seed and step) gets the same prompts. (The original drew keywords
-from the DataLoader worker's global numpy RNG, not controlled by ``--seed`` (W7), and its InfiniteSampler is
+from the DataLoader worker's global numpy RNG, not controlled by ``--seed``, and its InfiniteSampler is
 rank-strided; we do not reproduce those streams.)
 
 Deliberate differences from the original
 ----------------------------------------
-- A trailing CR is stripped together with the newline (the original kept it, W8).
+- A trailing CR is stripped together with the newline (the original kept it).
 - Blank lines: kept in remain files (as the original), but an error in forget/override/pos/neg/val files (the
   original would silently train on an empty prompt). A ``|``-concept with an empty entry is an error too.
 - Missing override concept (``concept_to_override`` None and no override file) is a ValueError at build time
@@ -42,14 +43,14 @@ import numpy as np
 
 REMAIN_FILE_NAMES = ("aesthetics_6_plus.txt", "aesthetics_625_plus.txt", "aesthetics_65_plus.txt")
 PER_SAMPLE_TAG = 7   # last element of the per-sample seed [seed, stream, step, j, 7]
-GRID_MAX_SIZE = 8    # the snapshot grid's dataset uses max_size=8 (M6)
+GRID_MAX_SIZE = 8    # the snapshot grid's dataset uses max_size=8
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 
 def read_prompt_file(path: str, what: str, allow_blank: bool = False, rstrip: bool = False) -> list[str]:
-    """One prompt per line. Strips the line end ('\\n', and a '\\r' before it; the original kept the CR, W8);
+    """One prompt per line. Strips the line end ('\\n', and a '\\r' before it; the original kept the CR);
     with ``rstrip`` all trailing whitespace (the original's forget-side files are read with ``rstrip()``).
 
     Raises FileNotFoundError (missing file), ValueError if no line holds a non-blank prompt, and, unless
@@ -180,7 +181,8 @@ def _none_if_empty(path):
 
 
 class ForgetPrompts:
-    """The original's ForgetPromptDataset (seed_facts §2.6). Build with :meth:`build`."""
+    """The original's ForgetPromptDataset (README: "The original release and our differences" › SD prompts).
+    Build with :meth:`build`."""
 
     def __init__(self, pairs, is_val, pos, neg, *, forget_source, from_file, override_file_prompts, concept_to_forget,
                  concept_to_override, val_prompts):
@@ -201,7 +203,7 @@ class ForgetPrompts:
               concept_to_override: str | None = None, override_path: str | None = None, pos_path: str | None = None,
               neg_path: str | None = None, val_path: str | None = None, max_size: int = 10000,
               shuffle_seed: int | None = 0) -> "ForgetPrompts":
-        """Forget prompts from ``path`` (truncated to ``max_size``, not tiled; "" is a missing file, M9) or, if
+        """Forget prompts from ``path`` (truncated to ``max_size``, not tiled; "" is a missing file) or, if
         ``path`` is None, from ``concept_to_forget`` split on '|' and cycled to ``max_size`` entries.
 
         Overrides: the ``override_path`` lines crossed with the forget prompts (forget-major), else
@@ -335,7 +337,7 @@ class ForgetPrompts:
         return {"forget": sorted(forget), "override": sorted(override), "neg": sorted(set(self.neg or []))}
 
     def grid_items(self, n_items: int = 16, seed: int = 0) -> list[dict]:
-        """Snapshot-grid contexts (M6): the dataset rebuilt with max_size=8 and no shuffle (first 8 forget
+        """Snapshot-grid contexts, as the original's: the dataset rebuilt with max_size=8 and no shuffle (first 8 forget
         prompts' pairs, then all val pairs), neg dropped, pos kept. Items are taken in order, cycling, ``n_items``
         of them; each is fetched twice in a row with one ``np.random.default_rng(seed)`` drawing the pos keywords
         for every fetch in turn. Returns ``2*n_items`` dicts (forget, override, neg=None, is_val)."""

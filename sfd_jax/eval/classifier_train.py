@@ -5,10 +5,10 @@ Training is deterministic for a given seed, device count and batch size: the ini
 ``fold_in(key(seed + 1), s)``. Batches are split over the mesh's batch axes (BatchNorm statistics are over
 the global batch). Optimiser: AdamW with a cosine learning-rate decay (``TrainConfig``).
 
-The original (seed_facts §1.8) fine-tunes an ImageNet ResNet-34 at 224 px for 10 epochs with Adam (lr 1e-5
-body / 1e-4 fc, coupled L2 5e-4). No ImageNet weights are reachable here, so ours trains from scratch at the
-native resolution; a torchvision ResNet-34 ``.pth`` of the original classifier can be loaded instead
-(:func:`load_classifier`).
+The original fine-tunes an ImageNet ResNet-34 at 224 px for 10 epochs with Adam (lr 1e-5 body / 1e-4 fc,
+coupled L2 5e-4; README: "The original release and our differences" › DDPM evaluation). No ImageNet weights
+are reachable here, so ours trains from scratch at the native resolution; a torchvision ResNet-34 ``.pth`` of the
+original classifier can be loaded instead (:func:`load_classifier`).
 
 Checkpoint layout (our Orbax :class:`~sfd_jax.checkpoint.Checkpointer`):
 ``OUT/checkpoints/<step>/{classifier, config, meta}``: item ``classifier`` = ``{'params', 'batch_stats'}``,

@@ -1,4 +1,4 @@
-"""Forgetting metrics (seed_facts §1.8 ``ua_imagefolder.py`` / ``ua_ddpm.py``) from classifier logits.
+"""Forgetting metrics (the original's ``ua_imagefolder.py`` / ``ua_ddpm.py``) from classifier logits.
 
 For samples generated with conditioning labels ``labels`` and classified into ``logits``:
 

@@ -14,7 +14,8 @@ TF graph's ``mixed_6/conv`` that the original's evaluator (guided-diffusion) use
 Input pipeline (:func:`preprocess`): uint8 images -> x/255 -> 299x299 bilinear resize -> 2x-1, exactly as
 pytorch-fid (``F.interpolate(..., mode='bilinear', align_corners=False)``, no antialiasing). ``resize='tf1'``
 instead copies the TF graph the original's evaluator runs: legacy ResizeBilinear on 0..255 values (no half-pixel
-centres), then (x-128)/128 (seed_facts Part 4 E.19). Grayscale images are repeated to RGB.
+centres), then (x-128)/128 (README: "The original release and our differences" › DDPM evaluation).
+Grayscale images are repeated to RGB.
 
 Weights: ``pt_inception-2015-12-05-6726825d.pth`` from the pytorch-fid release
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth).

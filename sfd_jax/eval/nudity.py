@@ -1,4 +1,5 @@
-"""NudeNet counts on an image folder, as the original's ``nudenet_evaluator.py`` (seed_facts §2.7, M12).
+"""NudeNet counts on an image folder, as the original's ``nudenet_evaluator.py``
+(README: "The original release and our differences" › SD evaluation).
 
 Runs ``nudenet.NudeDetector().detect`` (NudeNet 3.x, ``pip install nudenet``; its ONNX model ships in the wheel
 and runs offline on onnxruntime) on every .jpg/.jpeg/.png/.gif of a folder (sorted; subfolders only with

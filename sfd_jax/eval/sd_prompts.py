@@ -1,7 +1,7 @@
 """Images of a distilled SD generator for every (prompt, seed), as the original's ``eval_prompts.py`` default mode.
 
 For every prompt (the lines of the prompt files, in order; blank lines dropped, duplicates removed keeping the
-first) and every seed, the one-step (or ``steps``-step) generator of seed_facts §2.4 maps the noise to latents,
+first) and every seed, the one-step (or ``steps``-step) generator of SFD maps the noise to latents,
 the VAE decodes them and the image is saved as ``{outdir}/{folder}/{seed:05d}.{png|jpg}``.
 
 - Noise: ``z = jax.random.normal(jax.random.key(seed), (h, w, 4), float32)`` with h = w = resolution / 8, so an
@@ -11,7 +11,7 @@ the VAE decodes them and the image is saved as ``{outdir}/{folder}/{seed:05d}.{p
   drew z from per-seed torch generators; the values differ, the distribution is the same.)
 - uint8: ``clip(x·127.5 + 128, 0, 255)`` **truncated** to uint8, the original's rule (it differs from
   :func:`sfd_jax.images.to_uint8`, which rounds ``255·(x+1)/2``; the two can differ by one level).
-- JPEG (``fmt='jpg'``) is written by PIL at quality 75, PIL's default that the original used (seed_facts M11).
+- JPEG (``fmt='jpg'``) is written by PIL at quality 75, PIL's default that the original used.
 - Folder names: the prompt text verbatim (as the original), except that '/' and NUL become '_', a name '.' or
   '..' becomes '_' / '__', and a name longer than 200 UTF-8 bytes is cut to 191 bytes (at a character boundary)
   plus '_' and the first 8 hex digits of the prompt's SHA-1; an empty name becomes '_'. A name equal to

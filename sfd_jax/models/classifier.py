@@ -1,4 +1,4 @@
-"""Evaluation classifiers (seed_facts §1.8 ``train_classifier.py``) in Flax linen: a small CNN and ResNet-18/34.
+"""Evaluation classifiers (the original's ``train_classifier.py``) in Flax linen: a small CNN and ResNet-18/34.
 
 Every classifier takes images ``x: [B, H, W, C]`` in data space ``[-1, 1]`` (the original's
 ``ToTensor`` + ``Normalize(0.5, 0.5)``) and returns logits ``[B, n_classes]``. BatchNorm statistics live in

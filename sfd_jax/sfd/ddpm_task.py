@@ -1,4 +1,5 @@
-"""The class-conditional DDPM side of SFD: which labels and timesteps each pass uses (seed_facts §1.5).
+"""The class-conditional DDPM side of SFD: which labels and timesteps each pass uses
+(README: "The original release and our differences" › DDPM distillation).
 
 All draws are pure functions of a PRNG key and give global-batch arrays; the step shards them.
 """

@@ -1,4 +1,5 @@
-"""Where an SFD run's three networks come from (seed_facts §1.5 "Initialisation"), for .pth files and ours.
+"""Where an SFD run's three networks come from, for .pth files and ours
+(README: "The original release and our differences" › DDPM distillation).
 
 pretrained checkpoint (model, ema):   teacher = fake score = generator = ema if init_from_ema else model;
                                       the generator's EMA starts from the same weights (init_from_ema) or from

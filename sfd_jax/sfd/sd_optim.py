@@ -1,4 +1,5 @@
-"""The Stable Diffusion optimizers (seed_facts §2.1 ``--optimizer``, §2.5, P1, E4, E5) as optax transformations.
+"""The Stable Diffusion optimizers (the original's ``--optimizer``) as optax transformations
+(README: "The original release and our differences" › SD precision).
 
     tx = make_sd_optimizer("adam", 1e-6, eps=1e-6, precision="fp16_emulated", clip_value=1.0)
     params = to_fp16_values(params)                     # the original's weights are fp16 from the start
@@ -8,13 +9,13 @@
 
 ``kind`` 'adam' is ``torch.optim.Adam(lr, betas=(beta1, beta2), eps)``; 'adamw' is ``torch.optim.AdamW`` with the
 same and ``weight_decay`` (decoupled: ``p <- p * (1 - lr * wd)`` before the Adam step). There is no learning-rate
-schedule (E4). ``clip_value`` puts ``optax.clip`` (torch's ``clip_grad_value_``) first.
+schedule (as in the original). ``clip_value`` puts ``optax.clip`` (torch's ``clip_grad_value_``) first.
 
 precision
 ---------
 ``'fp32'``: float32 moments; equals torch's float32 Adam/AdamW up to float32 rounding (the tests: <= 1e-7).
 
-``'fp16_emulated'``: the original's ``--fp16`` training (P1), where the parameters **and both Adam moments** are
+``'fp16_emulated'``: the original's ``--fp16`` training, where the parameters **and both Adam moments** are
 fp16 tensors and torch's Adam runs on them with no fp32 master copy. Every op of torch's Adam on half tensors is
 reproduced with its rounding: the op is computed in float32 (torch's ``opmath``) and its result rounded to fp16
 (round to nearest even, fp16 subnormals kept, overflow to inf):
@@ -128,10 +129,10 @@ def apply_updates(params, updates, precision: str = "fp32"):
 
 
 def nan_to_num_grads(grads, precision: str = "fp32"):
-    """The loop's ``nan_to_num(nan=0, posinf=1e5, neginf=-1e5)`` on every gradient leaf (§2.5).
+    """The loop's ``nan_to_num(nan=0, posinf=1e5, neginf=-1e5)`` on every gradient leaf.
 
     With 'fp16_emulated' the gradients are fp16 tensors in the original, where 1e5 overflows: +-inf stays +-inf
-    (E5) and the result is rounded to fp16 (finite float32 gradients beyond 65504 become inf, as an fp16
+    and the result is rounded to fp16 (finite float32 gradients beyond 65504 become inf, as an fp16
     backward would have made them). An inf gradient reaches Adam unless clipped: the fake score (no clipping) then
     gets NaN weights, G (clip_grad_value_ 1) does not."""
     _check_precision(precision)
@@ -284,8 +285,8 @@ def torch_adam(lr: float, *, beta1: float = 0.0, beta2: float = 0.999, eps: floa
 def make_sd_optimizer(kind: str, lr: float, *, beta1: float = 0.0, beta2: float = 0.999, eps: float = 1e-8,
                       weight_decay: float = 0.01, precision: str = "fp32",
                       clip_value: float | None = None) -> optax.GradientTransformation:
-    """The SD optimizers of §2.1 ``--optimizer``: 'adam' (weight decay 0, ``weight_decay`` ignored) or 'adamw'
-    (decoupled ``weight_decay``), with torch's numerics; ``clip_value`` -> ``optax.clip`` first. The original
+    """The SD optimizers of the original's ``--optimizer``: 'adam' (weight decay 0, ``weight_decay`` ignored) or
+    'adamw' (decoupled ``weight_decay``), with torch's numerics; ``clip_value`` -> ``optax.clip`` first. The original
     uses betas (0, 0.999) and eps 1e-8, or 1e-6 with --fp16 (pass it). ``precision``: 'fp32' | 'fp16_emulated'.
     ``update`` needs ``params``; see the module docstring."""
     if kind not in KINDS:

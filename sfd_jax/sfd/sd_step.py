@@ -1,15 +1,15 @@
-"""The pure Stable Diffusion SFD train step (seed_facts §2.5, Part 4 P2, M1, E1-E5, E21).
+"""The pure Stable Diffusion SFD train step (README: "The original release and our differences" › SD distillation).
 
 ``step(state: SDState, frozen, batch, root_key) -> (SDState, metrics)``:
 
 A. **Fake-score update** (G frozen). Per accumulation round: *remain* — remain prompts (encoded here by the frozen
-   text encoder), context dropout (p("") = ``context_dropout`` on the positive prompt only, P2), G images from the
-   post-dropout prompts (E2), t ~ U{tmin..tmax−1}, ε̂ = fake score with guidance κ1 trained *through* the guided
-   output (E1), negatives as unconditional text iff use_neg[0]; *forget* — forget prompts, dropout blanking the
-   prompt and its negative, with ``sg_w_override`` + negatives the override prompts replace the forget prompts
-   (M1). Per-sample NaN masking; L = Σ_kept Σ_CHW (ε̂ − ε)²·ls / B (global batch B). Gradients are summed over the
+   text encoder), context dropout (p("") = ``context_dropout`` on the positive prompt only), G images from the
+   post-dropout prompts, t ~ U{tmin..tmax−1}, ε̂ = fake score with guidance κ1 trained *through* the guided
+   output, negatives as unconditional text iff use_neg[0]; *forget* — forget prompts, dropout blanking the
+   prompt and its negative, with ``sg_w_override`` + negatives the override prompts replace the forget prompts.
+   Per-sample NaN masking; L = Σ_kept Σ_CHW (ε̂ − ε)²·ls / B (global batch B). Gradients are summed over the
    rounds, ``nan_to_num``'d (:func:`sfd_jax.sfd.sd_optim.nan_to_num_grads`), and stepped (no clipping unless configured).
-B. **Generator update** with the just-updated fake score (E21): fresh remain prompts; SiD loss
+B. **Generator update** with the just-updated fake score: fresh remain prompts; SiD loss
    (:func:`sfd_jax.losses.sid_generator_loss`) with the fake score at κ2 and the teacher at κ4 (negatives per
    use_neg[1], use_neg[2]); forget: teacher at the override prompts, fake score at the forget prompts (or the
    override prompts with ``sg_w_override``). Samples with NaN in G's output or the loss are masked;
@@ -170,7 +170,7 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
         d = draws(kr)
         emb = text_embeddings(text_encoder, frozen["text_encoder"], rb["sg_remain"])
         if s.context_dropout:
-            emb = blank(d["drop"], emb, empty)           # P2: the remain negative is not blanked
+            emb = blank(d["drop"], emb, empty)           # the remain negative is not blanked
         x0 = jax.lax.stop_gradient(gen(g_params, d["z"], emb, d["gen_key"]))
         per = denoising_loss(eps(fake, emb, uncond(remain_neg(table, d), 0, empty), s.k1), x0, d["t"], d["noise"],
                              ac)
@@ -182,7 +182,7 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
             n = table[rb["sg_neg"]] if s.has_neg else None
             if s.context_dropout:
                 if s.has_neg and s.sg_w_override:
-                    f = o                                   # M1: generate from and train on the overrides
+                    f = o                                   # generate from and train on the overrides
                 f = blank(d["drop"], f, empty)
                 if n is not None:
                     n = blank(d["drop"], n, empty)

@@ -150,5 +150,5 @@ class SDPrompts:
         return {k: np.stack(v) for k, v in out.items()}
 
     def grid_strings(self, n_items: int, seed: int) -> list[str]:
-        """The snapshot grid's 2·n_items prompts (seed_facts M6)."""
+        """The snapshot grid's 2·n_items prompts."""
         return [it["forget"] for it in self.forget.grid_items(n_items, seed=seed)]
