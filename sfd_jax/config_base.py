@@ -37,7 +37,8 @@ def ddpm_base(dataset: str = "CIFAR10", image_size: int = 32, ch_mult=(1, 2, 2, 
         type="simple", in_channels=3, out_ch=3, ch=128, ch_mult=tuple(ch_mult), num_res_blocks=2,
         attn_resolutions=(16,), dropout=0.1, var_type="fixedlarge", ema_rate=0.9999, ema=True,
         resamp_with_conv=True, cond_drop_prob=0.1,
-        remat=False))  # ours: recompute block activations in the backward pass
+        remat=False,   # ours: recompute block activations in the backward pass
+        conv_impl="auto"))  # ours: 'auto' | 'lax' | 'dot1x1' | 'im2col' | 'shift' (sfd_jax.models.conv; auto: per backend)
 
     c.diffusion = ml_collections.ConfigDict(dict(
         beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_diffusion_timesteps=1000))

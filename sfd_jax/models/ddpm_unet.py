@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.models import conv
+from sfd_jax.models.conv import Conv2D
+
 Array = jax.Array
 
 
@@ -37,10 +40,10 @@ def _torch_bias_init(fan_in: int):
 
 
 def _conv(features: int, in_features: int, kernel: int, name: str, dtype, strides: int = 1,
-          padding: Any = "SAME") -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype,
-                   kernel_init=_torch_kernel_init(), bias_init=_torch_bias_init(in_features * kernel * kernel),
-                   name=name)
+          padding: Any = "SAME", impl: str = "lax") -> Conv2D:
+    return Conv2D(features, kernel, strides=strides, padding=padding, dtype=dtype, impl=impl,
+                  kernel_init=_torch_kernel_init(), bias_init=_torch_bias_init(in_features * kernel * kernel),
+                  name=name)
 
 
 def _dense(features: int, in_features: int, name: str, dtype) -> nn.Dense:
@@ -71,17 +74,19 @@ class ResnetBlock(nn.Module):
     emb_ch: int  # width of concat([temb, cemb]) = 8*ch
     dropout: float
     dtype: Any = jnp.float32
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: Array, emb: Array, train: bool) -> Array:
+        ci = self.conv_impl
         h = nn.swish(_group_norm("norm1", self.dtype)(x))
-        h = _conv(self.out_ch, self.in_ch, 3, "conv1", self.dtype)(h)
+        h = _conv(self.out_ch, self.in_ch, 3, "conv1", self.dtype, impl=ci)(h)
         h = h + _dense(self.out_ch, self.emb_ch, "temb_cemb_proj", self.dtype)(nn.swish(emb))[:, None, None, :]
         h = nn.swish(_group_norm("norm2", self.dtype)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_ch, self.out_ch, 3, "conv2", self.dtype)(h)
+        h = _conv(self.out_ch, self.out_ch, 3, "conv2", self.dtype, impl=ci)(h)
         if self.in_ch != self.out_ch:
-            x = _conv(self.out_ch, self.in_ch, 1, "nin_shortcut", self.dtype)(x)
+            x = _conv(self.out_ch, self.in_ch, 1, "nin_shortcut", self.dtype, impl=ci)(x)
         return x + h
 
 
@@ -89,18 +94,20 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions; q, k, v, proj_out are 1x1 convs on GN(x)."""
     ch: int
     dtype: Any = jnp.float32
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
+        ci = self.conv_impl
         hn = _group_norm("norm", self.dtype)(x)
-        q = _conv(c, c, 1, "q", self.dtype)(hn).reshape(b, h * w, c)
-        k = _conv(c, c, 1, "k", self.dtype)(hn).reshape(b, h * w, c)
-        v = _conv(c, c, 1, "v", self.dtype)(hn).reshape(b, h * w, c)
+        q = _conv(c, c, 1, "q", self.dtype, impl=ci)(hn).reshape(b, h * w, c)
+        k = _conv(c, c, 1, "k", self.dtype, impl=ci)(hn).reshape(b, h * w, c)
+        v = _conv(c, c, 1, "v", self.dtype, impl=ci)(hn).reshape(b, h * w, c)
         logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c ** -0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
-        return x + _conv(c, c, 1, "proj_out", self.dtype)(out)
+        return x + _conv(c, c, 1, "proj_out", self.dtype, impl=ci)(out)
 
 
 class Downsample(nn.Module):
@@ -108,13 +115,17 @@ class Downsample(nn.Module):
     ch: int
     with_conv: bool
     dtype: Any = jnp.float32
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(self.ch, self.ch, 3, "conv", self.dtype, strides=2, padding="VALID")(x)
+        if self.conv_impl in ("lax", "dot1x1"):   # as the original: pad, then a VALID convolution
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            return _conv(self.ch, self.ch, 3, "conv", self.dtype, strides=2, padding="VALID")(x)
+        return _conv(self.ch, self.ch, 3, "conv", self.dtype, strides=2, padding=((0, 1), (0, 1)),
+                     impl=self.conv_impl)(x)
 
 
 class Upsample(nn.Module):
@@ -122,12 +133,13 @@ class Upsample(nn.Module):
     ch: int
     with_conv: bool
     dtype: Any = jnp.float32
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = _conv(self.ch, self.ch, 3, "conv", self.dtype)(x)
+            x = _conv(self.ch, self.ch, 3, "conv", self.dtype, impl=self.conv_impl)(x)
         return x
 
 
@@ -151,6 +163,7 @@ class ConditionalUNet(nn.Module):
     resamp_with_conv: bool = True
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: bool = False       # recompute ResNet/attention activations in the backward pass (saves memory)
+    conv_impl: str = "auto"   # 'auto' | 'lax' | 'dot1x1' | 'im2col' | 'shift' (see sfd_jax.models.conv)
 
     @classmethod
     def from_config(cls, config, dtype: Any = None) -> "ConditionalUNet":
@@ -161,7 +174,7 @@ class ConditionalUNet(nn.Module):
         return cls(ch=m.ch, out_ch=m.out_ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, in_channels=m.in_channels,
                    resolution=d.image_size, n_classes=d.n_classes, resamp_with_conv=m.resamp_with_conv,
-                   dtype=dtype, remat=bool(m.get("remat", False)))
+                   dtype=dtype, remat=bool(m.get("remat", False)), conv_impl=str(m.get("conv_impl", "auto")))
 
     def init_params(self, rng: Array, batch: int = 1) -> dict:
         """Freshly initialised parameters (PyTorch-default init)."""
@@ -174,6 +187,7 @@ class ConditionalUNet(nn.Module):
     def __call__(self, x: Array, t: Array, labels: Array, drop_mask: Array | None = None,
                  train: bool = False) -> Array:
         ch, dt = self.ch, self.dtype
+        ci = conv.resolve(self.conv_impl)
         emb_ch = 4 * ch
         ResBlock = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock  # noqa: N806
         Attn = nn.remat(AttnBlock) if self.remat else AttnBlock  # noqa: N806
@@ -198,7 +212,7 @@ class ConditionalUNet(nn.Module):
         emb = jnp.concatenate([temb, cemb], axis=-1).astype(dt)  # temb first, then cemb
 
         levels = len(self.ch_mult)
-        h = _conv(ch, self.in_channels, 3, "conv_in", dt)(x.astype(dt))
+        h = _conv(ch, self.in_channels, 3, "conv_in", dt, impl=ci)(x.astype(dt))
         hs = [h]
         hs_ch = [ch]
         res = self.resolution
@@ -206,37 +220,37 @@ class ConditionalUNet(nn.Module):
         for i in range(levels):
             out = ch * self.ch_mult[i]
             for j in range(self.num_res_blocks):
-                h = ResBlock(cur, out, 2 * emb_ch, self.dropout, dt, name=f"down_{i}_block_{j}")(hs[-1], emb, train)
+                h = ResBlock(cur, out, 2 * emb_ch, self.dropout, dt, ci, name=f"down_{i}_block_{j}")(hs[-1], emb, train)
                 cur = out
                 if res in self.attn_resolutions:
-                    h = Attn(cur, dt, name=f"down_{i}_attn_{j}")(h)
+                    h = Attn(cur, dt, ci, name=f"down_{i}_attn_{j}")(h)
                 hs.append(h)
                 hs_ch.append(cur)
             if i != levels - 1:
-                hs.append(Downsample(cur, self.resamp_with_conv, dt, name=f"down_{i}_downsample")(hs[-1]))
+                hs.append(Downsample(cur, self.resamp_with_conv, dt, ci, name=f"down_{i}_downsample")(hs[-1]))
                 hs_ch.append(cur)
                 res //= 2
 
         h = hs[-1]
-        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_1")(h, emb, train)
-        h = Attn(cur, dt, name="mid_attn_1")(h)
-        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, name="mid_block_2")(h, emb, train)
+        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, ci, name="mid_block_1")(h, emb, train)
+        h = Attn(cur, dt, ci, name="mid_attn_1")(h)
+        h = ResBlock(cur, cur, 2 * emb_ch, self.dropout, dt, ci, name="mid_block_2")(h, emb, train)
 
         for i in reversed(range(levels)):
             out = ch * self.ch_mult[i]
             for j in range(self.num_res_blocks + 1):
                 skip, skip_ch = hs.pop(), hs_ch.pop()
-                h = ResBlock(cur + skip_ch, out, 2 * emb_ch, self.dropout, dt, name=f"up_{i}_block_{j}")(
+                h = ResBlock(cur + skip_ch, out, 2 * emb_ch, self.dropout, dt, ci, name=f"up_{i}_block_{j}")(
                     jnp.concatenate([h, skip], axis=-1), emb, train)
                 cur = out
                 if res in self.attn_resolutions:
-                    h = Attn(cur, dt, name=f"up_{i}_attn_{j}")(h)
+                    h = Attn(cur, dt, ci, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
-                h = Upsample(cur, self.resamp_with_conv, dt, name=f"up_{i}_upsample")(h)
+                h = Upsample(cur, self.resamp_with_conv, dt, ci, name=f"up_{i}_upsample")(h)
                 res *= 2
 
         h = nn.swish(_group_norm("norm_out", dt)(h))
-        h = _conv(self.out_ch, ch, 3, "conv_out", dt)(h)
+        h = _conv(self.out_ch, ch, 3, "conv_out", dt, impl=ci)(h)
         return h.astype(jnp.float32)
 
 
