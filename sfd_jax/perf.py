@@ -72,3 +72,25 @@ def measure(compiled, state, args_for_step, steps: int, *, batch: int, dtype: st
         except Exception:  # noqa: BLE001
             pass
     return out
+
+
+# XLA:CPU flags measured to be faster for the DDPM UNet (python -m sfd_jax.bench --compare=torch; the numbers are in
+# the commit that set them). jax 0.10's XLA:CPU hands convolutions, reductions and some elementwise fusions to
+# YNNPACK by default; its convolutions were slower than XLA's own (Eigen) ones for every UNet shape we timed, and
+# much slower for the demo's small 8x8 / 4x4 maps. An empty fusion-type list turns the YNNPACK fusions off.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+
+
+def apply_cpu_xla_flags(environ=None) -> str:
+    """Append :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (each one unless the variable already sets that flag) and
+    return the result. They only change XLA:CPU compilation (GPU/TPU ignore them), and take effect only before JAX
+    creates its backends, so call this first thing in an entry point. ``SFD_JAX_NO_CPU_FLAGS=1`` opts out."""
+    import os
+    env = os.environ if environ is None else environ
+    current = env.get("XLA_FLAGS", "")
+    if env.get("SFD_JAX_NO_CPU_FLAGS", "") not in ("", "0"):
+        return current
+    extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
+    if extra:
+        env["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    return env.get("XLA_FLAGS", "")
