@@ -1,34 +1,28 @@
-"""The host loop of Stable Diffusion SFD (``python -m sfd_jax.train`` with ``mode='sd_sfd'``): components and
-state, the jitted step (:mod:`sfd_jax.sfd.sd_step`), kimg ticks, logs, grids, Orbax checkpoints, resume.
+"""The Stable Diffusion SFD trainer (``python -m sfd_jax.train`` with ``mode='sd_sfd'``): components and state,
+the jitted step (:mod:`sfd_jax.sfd.sd_step`), prompt batches and grids, driven by the shared host loop
+(:mod:`sfd_jax.host_loop`) on a kimg-tick schedule (:class:`TickSchedule`).
 
 Workdir layout (as DDPM): ``config.json``, ``checkpoints/<step>/`` (items generator, generator_ema (if EMA),
 fake_score, g_opt, sg_opt, config, meta), ``metrics.jsonl`` + ``tb/`` (one record per tick), ``samples/``
 (``fakes_init_{k}.png`` and ``fakes_{nimg:09d}_{k}.png``, nimg = images seen, for k generator steps in
-``training.grid_steps``).
-
-Schedule (seed_facts §2.5): ``nimg = step·batch``; a tick after the first iteration and then every
-``tick_kimg``; at snapshot ticks (``tick % snap_ticks == 0``, ticks 2, 4, 10, 20, ..., 100, and the end) grids and a
-checkpoint; at dump ticks (``tick % dump_ticks == 0``) a checkpoint. The tick counter is saved with the checkpoint,
-so a resumed run continues the schedule (the original restarted it).
+``training.grid_steps``). The tick counter is saved with the checkpoint, so a resumed run continues the schedule
+(the original restarted it).
 """
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
 from sfd_jax import parallel
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.sfd.sd_task import SDPrompts, micro_batch, validate_sd_config
 from sfd_jax.sfd.state import SDState, state_from_items, state_items
-from sfd_jax.run_dir import RunDir, close_checkpointer, with_shardings
-from sfd_jax.train_log import MetricsLogger
+from sfd_jax.host_loop import Events, LoopTask, run_loop
+from sfd_jax.run_dir import RunDir, with_shardings
 
 SPECIAL_SNAPSHOT_TICKS = frozenset({2, 4} | set(range(10, 101, 10)))
 
@@ -143,7 +137,7 @@ class SDTrainer(RunDir):
             copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=p_sh)
             init = self._generator_init(shapes)
             gen = self._put(self._fp16(init), p_sh) if init is not None else copy(teacher)
-            fake = copy(teacher)   # the fake score starts from the teacher (§2.3), not from G
+            fake = copy(teacher)   # the fake score starts from the teacher, not from G
             g_opt = jax.jit(g_tx.init, out_shardings=sh.g_opt)(gen)
             sg_opt = jax.jit(sg_tx.init, out_shardings=sh.sg_opt)(fake)
             state = SDState(step=jax.device_put(jnp.int32(0), self.repl), generator=gen,
@@ -242,70 +236,57 @@ class SDTrainer(RunDir):
 
     def _loop(self, state, sh, frozen, frozen_sh, txs, start, stop, sigterm_at_step):
         c, t = self.config, self.config.training
-        ckpt = self._open_checkpointer()
         step_fn = self.make_step(sh, frozen_sh, txs)
         B = int(t.batch)
-        total_nimg = max(int(float(t.duration_kimg) * 1000), 1)
-        n_steps = -(-total_nimg // B)
-        meta_base = {"mode": "sd_sfd", "sd_model": c.sd.model, "generator_init": c.sd.generator_init,
-                     "recipe_seed": int(c.seed)}
-        tick, tick_start_nimg = 0, start * B
+        schedule = TickSchedule.from_config(c, start, self._resume_meta)
+        gen = (lambda st: st.generator_ema if st.generator_ema is not None else st.generator)
+        task = LoopTask(name="sd_sfd", step=lambda st, k: step_fn(st, frozen, self.device_batch(k), self.root_key),
+                        items=state_items, grids=lambda st, tag: self.save_grids(gen(st), frozen, tag),
+                        meta={"mode": "sd_sfd", "sd_model": c.sd.model, "generator_init": c.sd.generator_init,
+                              "recipe_seed": int(c.seed)},
+                        images_per_step=B, grid_tag=lambda step: f"{step * B:09d}",
+                        postfix_keys=("sg_remain_loss", "g_remain_loss", "g_forget_loss"))
+        return run_loop(self, task, schedule, state, start, stop, initial_grids="init",
+                        sigterm_at_step=sigterm_at_step)
+
+
+class TickSchedule:
+    """The SD schedule in images seen (``nimg = step·batch``): a tick after the first step and then every
+    ``tick_kimg``; a record per tick; grids and a checkpoint at snapshot ticks (``tick % snap_ticks == 0``, ticks
+    2, 4, 10, 20, ..., 100, and the end); a checkpoint at dump ticks. The tick counter travels in the checkpoint's
+    meta, so a resumed run continues the schedule."""
+    log_on_stop = False
+
+    def __init__(self, config, start: int, resume_meta: dict):
+        t = config.training
+        self.batch, self.tick_kimg = int(t.batch), float(t.tick_kimg)
+        self.snap_ticks, self.dump_ticks = int(t.snap_ticks), int(t.dump_ticks)
+        self.total = -(-max(int(float(t.duration_kimg) * 1000), 1) // self.batch)
+        self.lrs = {"lr/g": float(config.optim.glr), "lr/sg": float(config.optim.lr)}
+        self.tick, self.tick_start_nimg = 0, start * self.batch
         if start > 0:
-            meta = self._resume_meta
-            tick, tick_start_nimg = int(meta.get("tick", 0)), int(meta.get("tick_start_nimg", start * B))
-        gen_for_grids = (lambda st: st.generator_ema if st.generator_ema is not None else st.generator)
-        if start == 0 and not stop.requested:
-            self.save_grids(gen_for_grids(state), frozen, "init")
-        logger = MetricsLogger(self.workdir, enabled=self.is_main, resume_step=start)
-        bar = tqdm(total=n_steps, initial=start, desc="sd_sfd", unit="step", disable=not self.is_main,
-                   dynamic_ncols=True)
-        pending, t_tick, steps_in_tick, step = [], time.perf_counter(), 0, start
-        ok = False
-        try:
-            while step < n_steps and not (stop.requested and step == start):
-                batch = self.device_batch(step)
-                state, metrics = step_fn(state, frozen, batch, self.root_key)
-                step += 1
-                steps_in_tick += 1
-                pending.append(metrics)
-                bar.update(1)
-                ckpt.check()
-                if sigterm_at_step is not None and step == sigterm_at_step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                nimg = step * B
-                done = step >= n_steps
-                at_tick = done or tick == 0 or nimg >= tick_start_nimg + float(t.tick_kimg) * 1000
-                snapshot = dump = False
-                if at_tick:
-                    avg = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
-                    dt = time.perf_counter() - t_tick
-                    avg.update({"kimg": nimg / 1000.0, "tick": tick, "sec_per_tick": dt,
-                                "sec_per_kimg": dt / max(steps_in_tick * B / 1000.0, 1e-9),
-                                "images_per_s": steps_in_tick * B / max(dt, 1e-9),
-                                "lr/g": float(c.optim.glr), "lr/sg": float(c.optim.lr)})
-                    logger.write(step, avg)
-                    bar.set_postfix({k: f"{avg[k]:.4g}" for k in ("sg_remain_loss", "g_remain_loss",
-                                                                  "g_forget_loss")}, refresh=False)
-                    snapshot = done or tick % int(t.snap_ticks) == 0 or tick in SPECIAL_SNAPSHOT_TICKS
-                    dump = (done or tick % int(t.dump_ticks) == 0) and tick != 0
-                    tick += 1
-                    tick_start_nimg = nimg
-                    pending, t_tick, steps_in_tick = [], time.perf_counter(), 0
-                if snapshot or dump or stop.requested:
-                    ckpt.save(step, state_items(state), config=c,
-                              meta={**meta_base, "step": step, "kimg": nimg / 1000.0, "tick": tick,
-                                    "tick_start_nimg": tick_start_nimg})
-                if snapshot:
-                    self.save_grids(gen_for_grids(state), frozen, f"{nimg:09d}")
-                if stop.requested:
-                    logging.warning("%s: saved step %d, stopping", stop.name, step)
-                    break
-            ok = True
-        finally:
-            bar.close()
-            close_checkpointer(ckpt, raise_errors=ok)
-            logger.close()
-        return state
+            self.tick = int(resume_meta.get("tick", 0))
+            self.tick_start_nimg = int(resume_meta.get("tick_start_nimg", start * self.batch))
+
+    @classmethod
+    def from_config(cls, config, start: int, resume_meta: dict) -> "TickSchedule":
+        return cls(config, start, resume_meta)
+
+    def after(self, step: int, seconds: float, steps: int) -> Events:
+        nimg = step * self.batch
+        done = step >= self.total
+        if not (done or self.tick == 0 or nimg >= self.tick_start_nimg + self.tick_kimg * 1000):
+            return Events()
+        scalars = {"kimg": nimg / 1000.0, "tick": self.tick, "sec_per_tick": seconds,
+                   "sec_per_kimg": seconds / max(steps * self.batch / 1000.0, 1e-9), **self.lrs}
+        snapshot = done or self.tick % self.snap_ticks == 0 or self.tick in SPECIAL_SNAPSHOT_TICKS
+        dump = (done or self.tick % self.dump_ticks == 0) and self.tick != 0
+        self.tick += 1
+        self.tick_start_nimg = nimg
+        return Events(log=True, save=snapshot or dump, grids=snapshot, scalars=scalars)
+
+    def meta(self, step: int) -> dict:
+        return {"kimg": step * self.batch / 1000.0, "tick": self.tick, "tick_start_nimg": self.tick_start_nimg}
 
 
 def _global(x: np.ndarray, sharding):

@@ -3,22 +3,19 @@ sample grids and preemption. The math lives in :mod:`sfd_jax.sfd.step`; this fil
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
 from sfd_jax import diffusion, parallel
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.models.ddpm_unet import ConditionalUNet
 from sfd_jax.sfd.state import (PretrainState, SFDState, make_optimizer, state_from_items, state_items)
 from sfd_jax.data import device_put_fn, prefetch
-from sfd_jax.run_dir import RunDir, close_checkpointer, with_shardings
-from sfd_jax.train_log import MetricsLogger
+from sfd_jax.host_loop import LoopTask, StepSchedule, run_loop
+from sfd_jax.run_dir import RunDir, with_shardings
 
 
 def early_stage_steps(snapshot_freq: int, n_intervals: int) -> set[int]:
@@ -160,7 +157,7 @@ class Trainer(RunDir):
                            cond_scale=float(s.grid_cond_scale), **kw)
 
     def save_grids(self, sampler, state, step: int) -> None:
-        """Grids of the EMA and raw networks, one row per class (§1.5 F), from the same noise every snapshot."""
+        """Grids of the EMA and raw networks, one row per class (README: "The original release and our differences" › DDPM distillation), from the same noise every snapshot."""
         from sfd_jax.generate import generate
         from sfd_jax.images import save_grid
         n_cls = int(self.config.data.n_classes)
@@ -195,59 +192,24 @@ class Trainer(RunDir):
         c = self.config
         batches = (prefetch(stream.iterate(start), size=2, to_device=device_put_fn(self.batch_sharding))
                    if stream is not None else None)
-        self._open_checkpointer()
         step_fn = self.make_step(sh, txs)
-        n_iters, B = int(c.training.n_iters), int(c.training.batch_size)
-        snap, log_freq = int(c.training.snapshot_freq), int(c.training.log_freq)
-        extra = early_stage_steps(snap, int(c.training.get("early_stage_n_intervals", 0)))
+        if self.mode == "sfd":
+            run_step = lambda st, _: step_fn(st, teacher, self.root_key)            # noqa: E731  (data-free)
+            lrs = {"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)}
+        else:
+            run_step = lambda st, _: step_fn(st, *next(batches), self.root_key)     # noqa: E731
+            lrs = {"lr": float(c.optim.lr)}
+        snap = int(c.training.snapshot_freq)
+        schedule = StepSchedule(total=int(c.training.n_iters), log_freq=int(c.training.log_freq), snapshot_freq=snap,
+                                extra=frozenset(early_stage_steps(snap, int(c.training.get("early_stage_n_intervals", 0)))),
+                                lrs=lrs)
         sampler = self._grid_sampler(sh.generator if self.mode == "sfd" else sh.params)
-        lrs = ({"lr/g": float(c.g_optim.lr), "lr/sg": float(c.sg_optim.lr)} if self.mode == "sfd"
-               else {"lr": float(c.optim.lr)})
-        logger = MetricsLogger(self.workdir, enabled=self.is_main, resume_step=start)
-        meta = {"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)}
-        if start == 0 and not stop.requested:   # every process samples (a collective); only process 0 writes
-            self.save_grids(sampler, state, 0)
-        bar = tqdm(total=n_iters, initial=start, desc=f"{self.mode}", unit="step", disable=not self.is_main,
-                   dynamic_ncols=True)
-        pending, t_last, steps_since = [], time.perf_counter(), 0
-        step = start
-        ok = False
-        try:
-            while step < n_iters and not (stop.requested and step == start):
-                if self.mode == "sfd":
-                    state, metrics = step_fn(state, teacher, self.root_key)
-                else:
-                    images, labels = next(batches)
-                    state, metrics = step_fn(state, images, labels, self.root_key)
-                step += 1
-                steps_since += 1
-                pending.append(metrics)
-                self.ckpt.check()
-                if sigterm_at_step is not None and step == sigterm_at_step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if step % log_freq == 0 or step == n_iters or stop.requested:
-                    avg = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
-                    dt = time.perf_counter() - t_last
-                    avg["images_per_s"] = steps_since * B / max(dt, 1e-9)
-                    logger.write(step, {**avg, **lrs})
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if not k.startswith("lr")}, refresh=False)
-                    pending, t_last, steps_since = [], time.perf_counter(), 0
-                bar.update(1)
-                if step % snap == 0 or step in extra or step == n_iters or stop.requested:
-                    self.ckpt.save(step, state_items(state), config=c, meta={**meta, "step": step})
-                    if step % snap == 0 or step == n_iters:
-                        self.save_grids(sampler, state, step)
-                if stop.requested:
-                    logging.warning("%s: saved step %d, stopping", stop.name, step)
-                    break
-            ok = True
-        finally:
-            bar.close()
-            close_checkpointer(self.ckpt, raise_errors=ok)
-            logger.close()
-            if batches is not None:
-                batches.close()
-        return state
+        task = LoopTask(name=self.mode, step=run_step, items=state_items,
+                        grids=lambda st, tag: self.save_grids(sampler, st, int(tag)),
+                        meta={"mode": self.mode, "init_checkpoint": c.init_checkpoint, "recipe_seed": int(c.seed)},
+                        images_per_step=int(c.training.batch_size),
+                        close=batches.close if batches is not None else (lambda: None))
+        return run_loop(self, task, schedule, state, start, stop, sigterm_at_step=sigterm_at_step)
 
     def _stream(self):
         """The batch stream of the pretraining data (any failure to open or use it: one line naming the file)."""

@@ -115,6 +115,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
         WorkdirLock(str(tmp_path / "file")).acquire()
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_ctrl_c_saves_and_resumes_exactly(tmp_path, pretrained, full_run):
     """Ctrl-C used to be swallowed by XLA's gc callback (run went on, exit 0) or to stop without saving."""
     wd = tmp_path / "w"
@@ -149,6 +150,7 @@ def test_second_trainer_is_refused_and_ctrl_c_saves_and_resumes_exactly(tmp_path
     assert change["changes"]["training.n_iters"] == [1000, N_ITERS]
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_exactly_and_logs_each_step_once(tmp_path, pretrained, full_run):
     """A run killed after its last checkpoint logged steps it redoes: metrics.jsonl read 1..5, 4..6."""
     wd = tmp_path / "w"
@@ -180,6 +182,7 @@ def _corrupt_newest(wd, step=N_ITERS):
             f.truncate(os.path.getsize(biggest) // 3)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_for_sample_and_resume(tmp_path, pretrained, full_run):
     wd = tmp_path / "w"
     shutil.copytree(full_run, wd)
@@ -213,12 +216,23 @@ def test_no_restorable_checkpoint_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- changed settings
+@pytest.fixture()
+def saved_run(tmp_path, pretrained):
+    """A workdir as a run leaves it, for checks that stop before any array is read: config.json + a checkpoint."""
+    wd = tmp_path / "w"
+    cfg = load_config("tiny_test", init_checkpoint=pretrained)
+    ck = Checkpointer(wd / "checkpoints")
+    ck.save(3, {"generator": {"w": np.zeros(3, np.float32)}}, config=cfg)
+    ck.wait()
+    (wd / "config.json").write_text(cfg.to_json(indent=2))
+    return wd
+
+
 @pytest.mark.parametrize("override,key", [({"distill.label_to_forget": 3}, "distill.label_to_forget"),
                                           ({"g_optim.lr": 1e-4}, "g_optim.lr"),
                                           ({"training.batch_size": 4}, "training.batch_size")])
-def test_resume_refuses_changed_experiment_settings(tmp_path, full_run, override, key):
-    wd = tmp_path / "w"
-    shutil.copytree(full_run, wd)
+def test_resume_refuses_changed_experiment_settings(saved_run, override, key):
+    wd = saved_run
     before = open(wd / "config.json").read()
     cfg = config_from_json(json.load(open(wd / "config.json")))
     for k, v in override.items():
@@ -230,6 +244,7 @@ def test_resume_refuses_changed_experiment_settings(tmp_path, full_run, override
     assert not (wd / "config_changes.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_allowed_change_is_recorded(tmp_path, full_run):
     wd = tmp_path / "w"
     shutil.copytree(full_run, wd)
@@ -251,6 +266,7 @@ def _mount_small_tmpfs(path, size_mb: int) -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow
 def test_full_disk_stops_at_once_in_one_line_and_keeps_the_last_checkpoint(tmp_path, pretrained):
     """A full disk used to print thousands of traceback lines, keep training, and leave a tmp folder behind."""
     mnt = tmp_path / "disk"
