@@ -126,14 +126,9 @@ def check_output_path(path: str, what: str, *, directory: bool = False) -> str:
 
 def check_input_file(path: str, what: str) -> str:
     """FileNotFoundError / UsageError, before any work, unless ``path`` is a readable file."""
-    if not path:
-        raise UsageError(f"{what} is empty")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    check_input_path(path, what)
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a directory; expected a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path} is not readable")
     return path
 
 
