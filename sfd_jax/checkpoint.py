@@ -57,6 +57,26 @@ logging.getLogger("absl").addFilter(_QuietPartialRestore())
 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
+def _from_orbax(obj) -> bool:
+    code = getattr(obj, "cr_code", None) or getattr(obj, "gi_code", None)
+    return "orbax" in (getattr(code, "co_filename", "") or "")
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _quiet_orbax_unraisable(unraisable) -> None:
+    """A failed read leaves Orbax's sibling coroutines to be collected with their own copy of the error, which
+    Python prints as 'Exception ignored in: <coroutine ...>' plus a traceback; the failure itself is reported
+    by the caller in one line, so these are dropped (everything else goes to the previous hook)."""
+    if _from_orbax(unraisable.object):
+        return
+    _previous_unraisablehook(unraisable)
+
+
+sys.unraisablehook = _quiet_orbax_unraisable
+
+
 def _abs(path: str | os.PathLike) -> epath.Path:
     """Orbax needs absolute paths; cloud URLs (gs://...) are kept as they are."""
     path = os.fspath(path)
