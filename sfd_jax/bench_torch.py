@@ -168,7 +168,7 @@ class Upsample(nn.Module):
 
 
 class RefConditionalModel(nn.Module):
-    """Class-conditional DDPM UNet of section 1.1; predicts eps with the shape of x.
+    """Class-conditional DDPM UNet of the original release; predicts eps with the shape of x.
 
     forward(x [B, in_channels, R, R], t [B] float, c [B] long, mode) -> [B, out_ch, R, R].
     """

@@ -1,4 +1,5 @@
-"""Shared pieces of the DDPM recipe configs (``configs/*.py``), under the original's key names (seed_facts §1.6).
+"""Shared pieces of the DDPM recipe configs (``configs/*.py``), under the original's key names
+(README: "The original release and our differences" › DDPM configs).
 
 Every key the original read with a silent default is explicit here. Sequences are tuples so that command-line
 overrides such as ``--config.model.ch_mult=(1,2,2,2)`` work. Keys that are ours, not the original's: ``mode``,

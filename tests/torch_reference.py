@@ -1,15 +1,15 @@
 """Independent PyTorch reference of the SFD DDPM pieces, for JAX/Flax parity tests.
 
-Written from the project's facts sheet (/work/shared/spec/seed_facts.md, sections 1.1, 1.2, 1.5,
-1.7 and the Part 4b corrections), not from the original code.  It needs only torch and numpy.
+Written independently from a description of the original release (README: "The original release and our
+differences" › DDPM network, DDPM distillation), not from the original code.  It needs only torch and numpy.
 
 Contents
-- ``RefConditionalModel`` (defined in :mod:`sfd_jax.bench_torch`, re-exported here): the class-conditional UNet of section 1.1 (NCHW), with the original
+- ``RefConditionalModel`` (defined in :mod:`sfd_jax.bench_torch`, re-exported here): the class-conditional UNet (NCHW), with the original
   ``state_dict`` names, so that its weights can be fed to the checkpoint converter and its outputs
   compared with the Flax model.
-- ``ref_get_beta_schedule`` / ``ref_alphas_cumprod``: the schedules of section 1.2.
+- ``ref_get_beta_schedule`` / ``ref_alphas_cumprod``: the noise schedules.
 - ``ref_seq``, ``ref_one_step``, ``ref_ddim``, ``ref_ddpm``: the samplers of sections 1.5 and 1.7.
-- ``count_params`` and the model kwargs ``CIFAR10_KW`` / ``STL10_KW`` of section 1.6.
+- ``count_params`` and the model kwargs ``CIFAR10_KW`` / ``STL10_KW`` of the shipped configs.
 
 Deliberate difference from the original: each ResnetBlock's class-embedding width is 4*ch (the
 original hard-codes 512, so only ch=128 runs).  For ch=128 the two agree exactly.
@@ -42,7 +42,7 @@ __all__ = [
     "ref_timestep_embedding",
 ]
 
-# Model kwargs of the shipped configs (section 1.6).  cond_drop_prob is left at its default 0.0
+# Model kwargs of the shipped configs.  cond_drop_prob is left at its default 0.0
 # (the sid/sfd configs); cifar10_train.yml uses 0.1.
 CIFAR10_KW = dict(
     ch=128,
@@ -75,7 +75,7 @@ from sfd_jax.bench_torch import (  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (section 1.2)
+# Schedules
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The original class-conditional DDPM UNet (seed_facts §1.1), layer for layer, in Flax linen.
+"""The original class-conditional DDPM UNet, layer for layer, in Flax linen
+(README: "The original release and our differences" › DDPM network).
 
 Layout is NHWC throughout. Submodule names mirror the original PyTorch ``state_dict`` names with ``.`` between
 indices replaced by ``_`` (``down.1.block.0.conv1.weight`` lives at ``params['down_1_block_0']['conv1']['kernel']``),

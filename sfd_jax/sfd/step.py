@@ -1,4 +1,5 @@
-"""Pure train steps: ``step(state, ..., root_key) -> (state, metrics)`` (seed_facts §1.4, §1.5 A–D).
+"""Pure train steps: ``step(state, ..., root_key) -> (state, metrics)``
+(README: "The original release and our differences" › DDPM pretraining, DDPM distillation).
 
 Randomness comes only from ``fold_in(root_key, state.step)``, so a resumed run draws what an uninterrupted one
 draws. All random arrays are drawn at global-batch shape and constrained to the batch sharding, and every mean is
