@@ -159,3 +159,10 @@ def install() -> None:
     models.inception_v3 = inception_v3
     tv.models = models
     sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.inception": inception})
+
+
+def uninstall() -> None:
+    """Remove the stand-in (not a real torchvision) from ``sys.modules``."""
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        if getattr(sys.modules[name], "__spec__", None) is None:
+            del sys.modules[name]

@@ -57,7 +57,8 @@ def pytorch_fid_net(fid_state_dict):
         net = pfi.InceptionV3([3]).eval()
     finally:
         pfi.load_state_dict_from_url = orig
-    return net, sd
+    yield net, sd
+    fake_torchvision.uninstall()   # later modules (diffusers' availability checks) must not see the stand-in
 
 
 def test_converter_maps_every_tensor_and_refuses_leftovers(fid_state_dict):
