@@ -69,8 +69,6 @@ def validate_config(config) -> None:
 def make_trainer(config, workdir: str, *, allow_changes=()):
     """The trainer of ``config.mode`` for ``workdir``, after validating the config (one-line UsageError)."""
     validate_config(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UsageError(f"--workdir {workdir} is a file, not a directory")
     if config.mode == "sd_sfd":
         from sfd_jax.sd_train_loop import SDTrainer
         return SDTrainer(config, workdir, allow_changes=tuple(allow_changes))

@@ -15,8 +15,8 @@ Python types. ``save_torch_file`` writes the reverse direction and needs torch.
 
 from __future__ import annotations
 
-import _compat_pickle
 import collections
+import contextlib
 import io
 import os
 import pickle
@@ -281,20 +281,28 @@ def load_torch_file(path, *, allowed=None, fallback=None) -> Any:
             return _Storage(arr)
 
         try:
-            data = zf.read(pkls[0])
-            return _SafeUnpickler(io.BytesIO(data), display, read_storage, allowed=allowed,
-                                  fallback=fallback).load()
-        except (UnsafeCheckpointError, CheckpointFormatError):
-            raise
-        except _BadRecord as e:
-            raise CheckpointFormatError(f"{display}: {e}") from None
-        except _CORRUPT as e:
-            raise CheckpointFormatError(f"{display}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
+            with _format_errors(display, "checkpoint pickle"):
+                data = zf.read(pkls[0])
+                return _SafeUnpickler(io.BytesIO(data), display, read_storage, allowed=allowed,
+                                      fallback=fallback).load()
         finally:
             cache.clear()
 
 
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+
+
+@contextlib.contextmanager
+def _format_errors(display: str, what: str):
+    """Our own errors pass; a bad record or any parsing failure becomes a one-line CheckpointFormatError."""
+    try:
+        yield
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except _BadRecord as e:
+        raise CheckpointFormatError(f"{display}: {e}") from None
+    except _CORRUPT as e:
+        raise CheckpointFormatError(f"{display}: corrupt {what} ({type(e).__name__}: {e})") from None
 
 
 def load_legacy_torch(blob: bytes, display: str, *, allowed=None) -> Any:
@@ -324,38 +332,32 @@ def load_legacy_torch(blob: bytes, display: str, *, allowed=None) -> Any:
             return _Storage(storages[key])
         return persistent_load
 
-    try:
-        magic = RestrictedUnpickler(f, {}, _refusal(display)).load()
-        if type(magic) is not int or magic != _LEGACY_MAGIC_NUMBER:
-            raise CheckpointFormatError(f"{display} is not a torch checkpoint")
-        protocol = RestrictedUnpickler(f, {}, _refusal(display)).load()
-        if type(protocol) is not int:
-            raise CheckpointFormatError(f"{display}: malformed legacy protocol record")
-        sys_info = _SafeUnpickler(f, display, allowed=allowed).load()
-        little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
-        body_start = f.tell()
-        _SafeUnpickler(f, display, persistent_load=storage_loader(None), allowed=allowed).load()
-        keys = _SafeUnpickler(f, display, allowed=allowed).load()
-        if not isinstance(keys, list) or not all(type(k) is str and k in records for k in keys):
-            raise CheckpointFormatError(f"{display}: malformed storage key list")
-        storages = {}
-        for key in keys:
-            dtype, numel = records[key]
-            (n,) = struct.unpack("<q" if little else ">q", f.read(8))
-            raw = f.read(n * dtype.itemsize)
-            if n != numel or len(raw) != n * dtype.itemsize:
-                raise CheckpointFormatError(f"{display}: storage {key} is truncated or has the wrong size")
-            arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<" if little else ">")).astype(dtype)
-            arr.flags.writeable = False
-            storages[key] = arr
-        f.seek(body_start)
-        return _SafeUnpickler(f, display, persistent_load=storage_loader(storages), allowed=allowed).load()
-    except (UnsafeCheckpointError, CheckpointFormatError):
-        raise
-    except _BadRecord as e:
-        raise CheckpointFormatError(f"{display}: {e}") from None
-    except _CORRUPT as e:
-        raise CheckpointFormatError(f"{display}: corrupt legacy checkpoint ({type(e).__name__}: {e})") from None
+    with _format_errors(display, "legacy checkpoint"):
+            magic = RestrictedUnpickler(f, {}, _refusal(display)).load()
+            if type(magic) is not int or magic != _LEGACY_MAGIC_NUMBER:
+                raise CheckpointFormatError(f"{display} is not a torch checkpoint")
+            protocol = RestrictedUnpickler(f, {}, _refusal(display)).load()
+            if type(protocol) is not int:
+                raise CheckpointFormatError(f"{display}: malformed legacy protocol record")
+            sys_info = _SafeUnpickler(f, display, allowed=allowed).load()
+            little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+            body_start = f.tell()
+            _SafeUnpickler(f, display, persistent_load=storage_loader(None), allowed=allowed).load()
+            keys = _SafeUnpickler(f, display, allowed=allowed).load()
+            if not isinstance(keys, list) or not all(type(k) is str and k in records for k in keys):
+                raise CheckpointFormatError(f"{display}: malformed storage key list")
+            storages = {}
+            for key in keys:
+                dtype, numel = records[key]
+                (n,) = struct.unpack("<q" if little else ">q", f.read(8))
+                raw = f.read(n * dtype.itemsize)
+                if n != numel or len(raw) != n * dtype.itemsize:
+                    raise CheckpointFormatError(f"{display}: storage {key} is truncated or has the wrong size")
+                arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<" if little else ">")).astype(dtype)
+                arr.flags.writeable = False
+                storages[key] = arr
+            f.seek(body_start)
+            return _SafeUnpickler(f, display, persistent_load=storage_loader(storages), allowed=allowed).load()
 
 
 def is_legacy_torch_file(path) -> bool:
