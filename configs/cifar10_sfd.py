@@ -1,5 +1,5 @@
 """cifar10_sfd.yml: one-stage SFD on CIFAR-10 (forget class 0 -> override 1); fake-score lr 1e-5."""
-from sfd_jax.config_base import distill_config
+from sfd_jax.ddpm.config import distill_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 Early-stage snapshots (15 log-spaced intervals below snapshot_freq) as the original.
 """
-from sfd_jax.config_base import distill_config
+from sfd_jax.ddpm.config import distill_config
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """cifar10_sid.yml: plain SiD distillation (stage 1 of the two-stage recipe); forget coefficients are 0."""
-from sfd_jax.config_base import distill_config
+from sfd_jax.ddpm.config import distill_config
 
 
 def get_config():

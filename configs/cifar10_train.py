@@ -1,5 +1,5 @@
 """cifar10_train.yml: class-conditional DDPM on CIFAR-10, 800k iterations, batch 128, 10% label dropout."""
-from sfd_jax.config_base import pretrain_config
+from sfd_jax.ddpm.config import pretrain_config
 
 
 def get_config():

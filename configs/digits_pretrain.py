@@ -14,7 +14,7 @@ Not one of the original's recipes: cifar10_train.py shrunk until CPU minutes suf
   * the snapshot grids (and the demo's teacher samples) use DDIM 20 steps, eta 0, guidance s=2: as good as 50
     steps here and 2.5x cheaper.
 """
-from sfd_jax.config_base import pretrain_config
+from sfd_jax.ddpm.config import pretrain_config
 
 
 def get_config():

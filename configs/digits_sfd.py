@@ -15,7 +15,7 @@ teacher's EMA) except, for a run of 200 steps instead of 50,000:
   * EMA 0.99 (cifar10: 0.9999): 0.9999 would keep the teacher's weights for the whole run. The demo samples the
     raw generator anyway: after 200 steps a 0.99 EMA still holds 0.99**200 = 13% of the teacher's weights.
 """
-from sfd_jax.config_base import distill_config, sibling_config
+from sfd_jax.ddpm.config import distill_config, sibling_config
 
 
 def get_config():

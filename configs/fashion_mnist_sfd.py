@@ -6,7 +6,7 @@ t_min/t_init/t_max 38/440/712, batch 128, 50k steps) on the fashion_mnist_train.
   python -m sfd_jax.train --config=configs/fashion_mnist_sfd.py --workdir=runs/fmnist_sfd \
       --config.init_checkpoint=runs/fmnist_teacher --config.distill.label_to_forget=0
 """
-from sfd_jax.config_base import distill_config, sibling_config
+from sfd_jax.ddpm.config import distill_config, sibling_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ ch_mult (1,2,2,2), attention at 16x16, Adam 2e-4, EMA 0.9999, 10% label dropout)
 
   python -m sfd_jax.train --config=configs/fashion_mnist_train.py --workdir=runs/fmnist_teacher
 """
-from sfd_jax.config_base import pretrain_config
+from sfd_jax.ddpm.config import pretrain_config
 
 FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 

@@ -21,7 +21,7 @@ woman".
 """
 import os
 
-from sfd_jax.config_sd import sd_sfd_config
+from sfd_jax.sd.config import sd_sfd_config
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 

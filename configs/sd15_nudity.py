@@ -13,7 +13,7 @@ missing; ours is ``prompts/nudity_val.txt``.
 """
 import os
 
-from sfd_jax.config_base import sibling_config
+from sfd_jax.ddpm.config import sibling_config
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 

@@ -1,5 +1,5 @@
 """stl10_sfd.yml: one-stage SFD on STL-10 at 64x64 (ch_mult (1,2,2,2,4)), batch 64."""
-from sfd_jax.config_base import distill_config
+from sfd_jax.ddpm.config import distill_config
 
 
 def get_config():

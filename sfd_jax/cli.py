@@ -7,14 +7,14 @@ import sys
 COMMANDS = {
     "sample": ("sfd_jax.sample", "sample images from a DDPM or a distilled generator"),
     "convert": ("sfd_jax.convert.__main__", "convert original .pth checkpoints to and from ours"),
-    "sample_sd": ("sfd_jax.sample_sd", "sample a Stable Diffusion pipeline (DDIM + CFG) to PNGs"),
+    "sample_sd": ("sfd_jax.sd.sample", "sample a Stable Diffusion pipeline (DDIM + CFG) to PNGs"),
     "train": ("sfd_jax.train", "pretrain a DDPM or run SFD/SiD distillation"),
     "bench": ("sfd_jax.bench", "time the jitted train step (images/s, FLOPs, MFU, memory)"),
     "demo": ("sfd_jax.demo", "the end-to-end demo"),
     "evaluate": ("sfd_jax.evaluate", "forgetting metrics, evaluation classifiers, FID/sFID/IS/precision/recall"),
-    "sd_random": ("sfd_jax.sd_random", "write a random (tiny or SD 1.5-shaped) Stable Diffusion pipeline folder"),
-    "sd_tokenizer": ("sfd_jax.sd_tokenizer", "build the CLIP tokenizer files offline from open-clip's BPE list"),
-    "sd_memcheck": ("sfd_jax.sd_memcheck", "peak host memory while loading a full-size SD 1.5 UNet"),
+    "sd_random": ("sfd_jax.sd.random_pipeline", "write a random (tiny or SD 1.5-shaped) Stable Diffusion pipeline folder"),
+    "sd_tokenizer": ("sfd_jax.sd.tokenizer", "build the CLIP tokenizer files offline from open-clip's BPE list"),
+    "sd_memcheck": ("sfd_jax.sd.memcheck", "peak host memory while loading a full-size SD 1.5 UNet"),
 }
 
 

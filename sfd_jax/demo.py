@@ -166,7 +166,7 @@ def _banner(text: str) -> None:
 def train_stage(config, workdir: str, name: str, log: StageLog) -> None:
     """Run (or resume, or skip) a training run of ``config`` in ``workdir``."""
     from sfd_jax.checkpoint import Checkpointer
-    from sfd_jax.train_loop import Trainer  # not sfd_jax.train: its module defines absl flags of its own
+    from sfd_jax.ddpm.trainer import Trainer  # not sfd_jax.train: its module defines absl flags of its own
     n_iters = int(config.training.n_iters)
     latest = (Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
               if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
@@ -221,10 +221,10 @@ def sample_stage(name: str, out_path: str, ckpt_dir: str, weights: str, sampler_
                  log: StageLog, progress: bool):
     """Draw ``s.n_per_class`` samples per class and write ``out_path`` (images uint8 NHWC, labels)."""
     import numpy as np
-    from sfd_jax import diffusion
-    from sfd_jax.ddpm_weights import load_network, t_init_of
-    from sfd_jax.generate import DDPMSampler, generate
-    from sfd_jax.images import to_uint8
+    from sfd_jax.ddpm import diffusion
+    from sfd_jax.ddpm.networks import load_network, t_init_of
+    from sfd_jax.ddpm.generate import DDPMSampler, generate
+    from sfd_jax.image_io import to_uint8
     from sfd_jax.models.ddpm_unet import ConditionalUNet
 
     from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
@@ -256,7 +256,7 @@ def sample_stage(name: str, out_path: str, ckpt_dir: str, weights: str, sampler_
 def save_class_grid(images_uint8, labels, path: str, per_class: int, scale: int = 4) -> None:
     """One row per class (the first ``per_class`` images of each), 1-pixel gaps, upscaled ``scale``x (nearest)."""
     import numpy as np
-    from sfd_jax.images import make_grid, save_png
+    from sfd_jax.image_io import make_grid, save_png
     rows = [images_uint8[np.flatnonzero(labels == c)[:per_class]] for c in range(10)]
     grid = make_grid(np.concatenate(rows), nrow=per_class, padding=1)
     save_png(np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1), path)

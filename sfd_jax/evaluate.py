@@ -130,10 +130,11 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- forgetting
 def _sample_from_checkpoint(clf_n_classes: int):
-    from sfd_jax import diffusion, parallel
-    from sfd_jax.ddpm_weights import load_network, t_init_of
-    from sfd_jax.generate import DDPMSampler, generate
-    from sfd_jax.images import to_uint8
+    from sfd_jax import parallel
+    from sfd_jax.ddpm import diffusion
+    from sfd_jax.ddpm.networks import load_network, t_init_of
+    from sfd_jax.ddpm.generate import DDPMSampler, generate
+    from sfd_jax.image_io import to_uint8
     from sfd_jax.models.ddpm_unet import ConditionalUNet
 
     mesh = parallel.make_mesh()

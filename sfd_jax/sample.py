@@ -91,7 +91,7 @@ def _labels_and_noise(n_classes: int, image_shape, labels, noise) -> tuple[np.nd
 
 def write_outputs(out: str, images: np.ndarray, labels: np.ndarray) -> list[str]:
     """Write the npz or the PNG folder; returns the paths written."""
-    from sfd_jax.images import save_grid, save_png, to_uint8
+    from sfd_jax.image_io import save_grid, save_png, to_uint8
 
     if out.endswith(".npz"):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -163,9 +163,10 @@ def main(argv):
         return _sample_sd()
     replay_labels, replay_noise = _read_replay_files()
     # Heavy imports after the cheap checks.
-    from sfd_jax import diffusion, parallel
-    from sfd_jax.ddpm_weights import load_network, t_init_of
-    from sfd_jax.generate import DDPMSampler, generate
+    from sfd_jax import parallel
+    from sfd_jax.ddpm import diffusion
+    from sfd_jax.ddpm.networks import load_network, t_init_of
+    from sfd_jax.ddpm.generate import DDPMSampler, generate
     from sfd_jax.models.ddpm_unet import ConditionalUNet
 
     mesh = parallel.make_mesh()

@@ -35,7 +35,7 @@ def validate_config(config) -> None:
     if config.get("mode") not in MODES:
         raise UsageError(f"config.mode must be one of {', '.join(MODES)}, got {config.get('mode')!r}")
     if config.mode == "sd_sfd":
-        from sfd_jax.sfd.sd_task import validate_sd_config
+        from sfd_jax.sd.task import validate_sd_config
         return validate_sd_config(config)
     if config.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
@@ -48,7 +48,7 @@ def validate_config(config) -> None:
         for section in ("distill", "g_optim", "sg_optim"):
             if section not in config:
                 raise UsageError(f"config has no {section} section: SFD needs a distillation recipe (e.g. configs/cifar10_sfd.py)")
-        from sfd_jax.sfd.ddpm_task import DDPMTask
+        from sfd_jax.ddpm.task import DDPMTask
         try:
             DDPMTask.from_config(config)
         except ValueError as e:
@@ -70,9 +70,9 @@ def make_trainer(config, workdir: str, *, allow_changes=()):
     """The trainer of ``config.mode`` for ``workdir``, after validating the config (one-line UsageError)."""
     validate_config(config)
     if config.mode == "sd_sfd":
-        from sfd_jax.sd_train_loop import SDTrainer
+        from sfd_jax.sd.trainer import SDTrainer
         return SDTrainer(config, workdir, allow_changes=tuple(allow_changes))
-    from sfd_jax.train_loop import Trainer  # heavy imports only once the flags are parsed
+    from sfd_jax.ddpm.trainer import Trainer  # heavy imports only once the flags are parsed
     return Trainer(config, workdir, allow_changes=tuple(allow_changes))
 
 

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "configs"                # user recipes
+TEST_CONFIGS = ROOT / "tests" / "configs"  # tiny configs for tests and smoke runs
 
 
 def load_config(name: str, **overrides):
-    """configs/<name>.py's get_config(), with dotted-key overrides: load_config('tiny_test', **{'model.ch': 64})."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+    """tests/configs/<name>.py's (else configs/<name>.py's) get_config(), with dotted-key overrides:
+    load_config('tiny_test', **{'model.ch': 64})."""
+    path = TEST_CONFIGS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", path if path.exists() else CONFIGS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()

@@ -1,8 +1,8 @@
 """The real Stable Diffusion component configs (as in the Hub repos' config.json files), for shape-only tests.
 
-SD 1.5's live in :mod:`sfd_jax.sd_random` (re-exported here); SD 2.1's UNet differs in a few keys."""
+SD 1.5's live in :mod:`sfd_jax.sd.random_pipeline` (re-exported here); SD 2.1's UNet differs in a few keys."""
 
-from sfd_jax.sd_random import CLIP_VIT_L14_TEXT, SD15_UNET, SD_VAE
+from sfd_jax.sd.random_pipeline import CLIP_VIT_L14_TEXT, SD15_UNET, SD_VAE
 
 __all__ = ["CLIP_VIT_L14_TEXT", "SD15_UNET", "SD21_UNET", "SD_VAE"]
 

@@ -2,7 +2,7 @@
 
 The tokenizer is the real CLIP tokenizer when open-clip-torch is installed (``pip install --no-deps
 open-clip-torch``), else a byte-level CLIP tokenizer without merges (514 tokens) so the pipeline still loads
-(:func:`sfd_jax.sd_random.write_tokenizer`; the tiny shapes live in :mod:`sfd_jax.sd_random` too).
+(:func:`sfd_jax.sd.random_pipeline.write_tokenizer`; the tiny shapes live in :mod:`sfd_jax.sd.random_pipeline` too).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from sfd_jax.sd_random import TINY_CLIP, TINY_VAE, write_tokenizer
-from sfd_jax.sd_random import TINY_UNET as TINY_UNET_SD1
+from sfd_jax.sd.random_pipeline import TINY_CLIP, TINY_VAE, write_tokenizer
+from sfd_jax.sd.random_pipeline import TINY_UNET as TINY_UNET_SD1
 
 TINY_UNET_SD2 = dict(
     TINY_UNET_SD1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -4,7 +4,7 @@ Written independently from a description of the original release (README: "The o
 differences" › DDPM network, DDPM distillation), not from the original code.  It needs only torch and numpy.
 
 Contents
-- ``RefConditionalModel`` (defined in :mod:`sfd_jax.bench_torch`, re-exported here): the class-conditional UNet (NCHW), with the original
+- ``RefConditionalModel`` (defined in :mod:`sfd_jax.ddpm.torch_bench`, re-exported here): the class-conditional UNet (NCHW), with the original
   ``state_dict`` names, so that its weights can be fed to the checkpoint converter and its outputs
   compared with the Flax model.
 - ``ref_get_beta_schedule`` / ``ref_alphas_cumprod``: the noise schedules.
@@ -60,7 +60,7 @@ STL10_KW = dict(CIFAR10_KW, ch_mult=(1, 2, 2, 2, 4), resolution=64)
 
 
 # The UNet (and its blocks) lives in the package, where ``python -m sfd_jax.bench --compare=torch`` uses it too.
-from sfd_jax.bench_torch import (  # noqa: E402,F401
+from sfd_jax.ddpm.torch_bench import (  # noqa: E402,F401
     AttnBlock,
     Downsample,
     RefConditionalModel,

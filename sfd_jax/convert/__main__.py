@@ -38,7 +38,7 @@ def convert_ddpm(src: str, config, out: str) -> str:
     """Original .pth -> our checkpoint under ``out``; returns the step directory written."""
     from sfd_jax.checkpoint import Checkpointer
     from sfd_jax.convert.ddpm import check_params, read_seed_ddpm_checkpoint
-    from sfd_jax.ddpm_weights import abstract_params
+    from sfd_jax.ddpm.networks import abstract_params
 
     if not os.path.isfile(src):
         raise FileNotFoundError(f"--src {src!r} does not exist")
@@ -67,7 +67,7 @@ def export_ddpm(checkpoint: str, out: str) -> None:
     """Our checkpoint -> original .pth (the list layout of the original for its kind)."""
     from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
     from sfd_jax.convert.ddpm import save_seed_ddpm_checkpoint
-    from sfd_jax.ddpm_weights import abstract_params
+    from sfd_jax.ddpm.networks import abstract_params
 
     directory, step = resolve_checkpoint_dir(checkpoint)
     ckpt = Checkpointer(directory)

@@ -3,7 +3,7 @@
 - :func:`export_diffusers`: our checkpoint's generator -> a complete diffusers pipeline folder (the UNet as
   ``unet/diffusion_pytorch_model.safetensors`` + ``config.json``; every other component copied from the base
   pipeline), loadable by ``diffusers.StableDiffusionPipeline.from_pretrained`` and by
-  :func:`sfd_jax.sd.load_components`.
+  :func:`sfd_jax.sd.pipeline.load_components`.
 - :func:`import_diffusers_unet`: any diffusers UNet folder (or a pipeline's ``unet/``) -> our checkpoint.
 - :func:`import_sid_lsg`: the SiD-LSG generator pickle (``batch512_cfg4.54.54.5_t625_8380_v2.pkl``, whose
   ``"ema"`` entry is a pickled diffusers UNet module) -> our checkpoint. The pickle is read without running code
@@ -31,7 +31,7 @@ GENERATOR_ITEMS = ("generator_ema", "generator")  # preferred first when exporti
 def _unet_folder(src: str) -> str:
     """A UNet folder, or a pipeline folder's ``unet/``."""
     if os.path.isfile(os.path.join(src, "model_index.json")):
-        from sfd_jax.sd import component_dir, read_model_index
+        from sfd_jax.sd.pipeline import component_dir, read_model_index
 
         return component_dir(src, "unet", read_model_index(src))
     if not os.path.isfile(os.path.join(src, "config.json")):
@@ -63,7 +63,7 @@ def save_unet_checkpoint(out: str, params, unet_config: dict, *, source: str, fm
 
 def import_diffusers_unet(src: str, out: str, *, variant: str | None = None, item: str = "generator") -> str:
     """diffusers UNet folder (or pipeline folder) -> our checkpoint under ``out``; returns the step directory."""
-    from sfd_jax.sd import load_model
+    from sfd_jax.sd.pipeline import load_model
 
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src {src!r} is not a folder")
@@ -102,7 +102,7 @@ def _restore_generator(checkpoint: str, abstract, prefer: tuple[str, ...] = GENE
 def export_diffusers(checkpoint: str, base: str, out: str) -> str:
     """Our checkpoint's generator (EMA if present) + the base pipeline's other components -> ``out``."""
     from sfd_jax.models.sd_unet import UNet2DConditionModel
-    from sfd_jax.sd import abstract_params, component_dir, read_model_index
+    from sfd_jax.sd.pipeline import abstract_params, component_dir, read_model_index
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"--out {out} exists and is not an empty folder")
@@ -269,12 +269,12 @@ def import_sid_lsg(src: str, out: str, *, trust_pickle: bool = False, base: str 
     _fresh_checkpoint_dir(out)
     state_dict, unet_config = read_sid_lsg_pickle(src)
     if base is not None:
-        from sfd_jax.sd import component_dir, read_model_index
+        from sfd_jax.sd.pipeline import component_dir, read_model_index
 
         with open(os.path.join(component_dir(base, "unet", read_model_index(base)), "config.json")) as f:
             unet_config = json.load(f)
     from sfd_jax.models.sd_unet import UNet2DConditionModel
-    from sfd_jax.sd import abstract_params
+    from sfd_jax.sd.pipeline import abstract_params
 
     abstract = abstract_params(UNet2DConditionModel.from_config(unet_config, what=f"{src} ['ema'].config"))
     params = dw.state_dict_to_params(state_dict, abstract, what=f"{src} ['ema']")

@@ -6,7 +6,7 @@ when present, else from the file-name prefix before the first ``_`` (``003_00012
 our ``sample --out DIR`` naming); files without either have no label.
 
 npz: ``images`` (or ``arr_0``, the guided-diffusion reference batches) NHWC or NCHW, uint8 (0..255) or float
-(data space [-1, 1], converted with :func:`sfd_jax.images.to_uint8`, i.e. as a PNG would store them), and
+(data space [-1, 1], converted with :func:`sfd_jax.image_io.to_uint8`, i.e. as a PNG would store them), and
 optional ``labels``. A [N, H, W] array is one-channel.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _as_nhwc_uint8(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     if np.issubdtype(arr.dtype, np.floating):
-        from sfd_jax.images import to_uint8
+        from sfd_jax.image_io import to_uint8
         finite = np.isfinite(arr).reshape(len(arr), -1).all(-1)
         if not finite.all():
             raise UsageError(f"{what}: {int((~finite).sum())} of {len(arr)} images contain NaN or inf "

@@ -10,7 +10,7 @@ the VAE decodes them and the image is saved as ``{outdir}/{folder}/{seed:05d}.{p
   across a truncation boundary (one uint8 level; measured: 1 of 12288 values on CPU). With ``steps = k > 1`` the re-noising at step i uses ``normal(fold_in(key(seed), i))``. (The original
   drew z from per-seed torch generators; the values differ, the distribution is the same.)
 - uint8: ``clip(x·127.5 + 128, 0, 255)`` **truncated** to uint8, the original's rule (it differs from
-  :func:`sfd_jax.images.to_uint8`, which rounds ``255·(x+1)/2``; the two can differ by one level).
+  :func:`sfd_jax.image_io.to_uint8`, which rounds ``255·(x+1)/2``; the two can differ by one level).
 - JPEG (``fmt='jpg'``) is written by PIL at quality 75, PIL's default that the original used.
 - Folder names: the prompt text verbatim (as the original), except that '/' and NUL become '_', a name '.' or
   '..' becomes '_' / '__', and a name longer than 200 UTF-8 bytes is cut to 191 bytes (at a character boundary)
@@ -160,7 +160,7 @@ def make_image_fn(unet, vae, text_encoder, alphas_cumprod, t_init: int, num_step
 
     from sfd_jax.models.clip_text import text_embeddings
     from sfd_jax.models.vae import decode_latents
-    from sfd_jax.sd_generator import generate_latents
+    from sfd_jax.sd.generator import generate_latents
 
     ac = np.asarray(alphas_cumprod, np.float32)
     shape = tuple(int(v) for v in latent_shape)
@@ -246,8 +246,8 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
     from sfd_jax import parallel
     from sfd_jax.convert.sd_checkpoints import GENERATOR_ITEMS, _restore_generator
     from sfd_jax.models.sd_unet import UNet2DConditionModel
-    from sfd_jax.sd import _read_json, abstract_params, component_dir, load_components, read_model_index
-    from sfd_jax.sd_tokenizer import tokenize
+    from sfd_jax.sd.pipeline import _read_json, abstract_params, component_dir, load_components, read_model_index
+    from sfd_jax.sd.tokenizer import tokenize
 
     mesh = parallel.make_mesh()
     rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)

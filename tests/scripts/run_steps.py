@@ -30,7 +30,7 @@ def main():
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from sfd_jax.train_loop import Trainer
+    from sfd_jax.ddpm.trainer import Trainer
     from tests.conftest import load_config
 
     cfg = load_config("tiny_test")

@@ -29,8 +29,8 @@ def main():
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from sfd_jax.config_sd import tiny_sd_overrides
-    from sfd_jax.sd_train_loop import SDTrainer
+    from sfd_jax.sd.config import tiny_sd_overrides
+    from sfd_jax.sd.trainer import SDTrainer
     from tests.conftest import load_config
 
     cfg = tiny_sd_overrides(load_config("sd15_celebrity"), a.pipeline)

@@ -1,1 +1,0 @@
-"""SFD / SiD training: states, the DDPM task rules and the pure train steps."""
