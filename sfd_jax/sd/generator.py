@@ -7,8 +7,10 @@ Layouts: latents NHWC [B, h, w, 4] float32; text embeddings [B, 77, D]; timestep
 - :func:`generate_latents`: x_t = √(1−ā_t0)·z at t0 = ``t_init`` (D = 0), ε = G(x_t, t0, text), D = x̂_0.
   With ``num_steps = k > 1`` step i uses t_i = floor(t_init·(1 − i/k)) (k=2: 625, 312; k=4: 625, 468, 312, 156)
   and re-noises D with fresh noise; the generator uses no guidance.
-- :func:`guided_eps`: ε of a frozen or trained UNet with SD guidance ``uncond + w·(cond − uncond)`` (w = 1: one
-  conditional pass) as one doubled batch; the unconditional text is "" or a negative prompt per sample.
+- :func:`cfg_guided_eps`: ε of a frozen or trained UNet with SD classifier-free guidance ``uncond + w·(cond −
+  uncond)`` (w = 1: one conditional pass) as one doubled batch; the unconditional text is "" or a negative prompt
+  per sample. (The DDPM world's guidance, ``(1+s)·cond − s·uncond`` on eps values, is
+  :func:`sfd_jax.ddpm.diffusion.guided_eps`.)
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def generate_latents(unet, params, z: jax.Array, text_emb: jax.Array, alphas_cum
     return d
 
 
-def guided_eps(unet, params, x_t: jax.Array, t: jax.Array, cond: jax.Array, uncond: jax.Array | None,
-               scale: float) -> jax.Array:
+def cfg_guided_eps(unet, params, x_t: jax.Array, t: jax.Array, cond: jax.Array, uncond: jax.Array | None,
+                   scale: float) -> jax.Array:
     """ε with SD guidance: scale == 1 -> ε(cond); else ε_u + scale·(ε_c − ε_u) from one batch of 2B
     ([uncond; cond], as the original). ``uncond`` [B,77,D]: the "" embedding or negative prompts."""
     if float(scale) == 1.0:

@@ -35,7 +35,7 @@ import optax
 
 from sfd_jax.distill.losses import denoising_loss, sid_generator_loss
 from sfd_jax.models.clip_text import text_embeddings
-from sfd_jax.sd.generator import generate_latents, guided_eps
+from sfd_jax.sd.generator import cfg_guided_eps, generate_latents
 from sfd_jax.sd.optim import apply_updates, nan_to_num_grads
 from sfd_jax.distill.state import SDState
 
@@ -140,7 +140,7 @@ def make_round_losses(unet, text_encoder, alphas_cumprod, s: SDStepSettings,
         return generate_latents(unet, params, z, emb, ac, s.t_init, s.num_steps, key)
 
     def eps(params, cond, uncond, scale):
-        return lambda x_t, t: guided_eps(unet, params, x_t, t.astype(jnp.int32), cond, uncond, scale)
+        return lambda x_t, t: cfg_guided_eps(unet, params, x_t, t.astype(jnp.int32), cond, uncond, scale)
 
     def blank(mask, emb, empty):
         return jnp.where(mask[:, None, None], empty, emb)
