@@ -28,6 +28,10 @@ flags.DEFINE_list("allow_config_change", [], "On resume, accept these changed se
 FLAGS = flags.FLAGS
 
 MODES = ("pretrain", "sfd", "sd_sfd")
+# The original's comparison methods (sfd_jax.ddpm.baselines; README: "The original release and our differences" ›
+# Baselines).
+BASELINE_MODES = ("retrain", "sa_fim", "sa", "salun_mask", "salun", "esd")
+MODES = MODES + BASELINE_MODES
 
 
 def validate_config(config) -> None:
@@ -42,6 +46,9 @@ def validate_config(config) -> None:
     t = config.training
     if t.batch_size < 1 or t.n_iters < 1 or t.snapshot_freq < 1 or t.log_freq < 1:
         raise UsageError("training.batch_size, n_iters, snapshot_freq and log_freq must be >= 1")
+    if config.mode in BASELINE_MODES:
+        from sfd_jax.ddpm.baseline_trainer import validate_baseline_config
+        return validate_baseline_config(config)
     if config.mode == "pretrain" and "optim" not in config:
         raise UsageError("config has no optim section: pretraining needs a *_train.py recipe (e.g. configs/cifar10_train.py)")
     if config.mode == "sfd":
@@ -72,6 +79,9 @@ def make_trainer(config, workdir: str, *, allow_changes=()):
     if config.mode == "sd_sfd":
         from sfd_jax.sd.trainer import SDTrainer
         return SDTrainer(config, workdir, allow_changes=tuple(allow_changes))
+    if config.mode in BASELINE_MODES:
+        from sfd_jax.ddpm.baseline_trainer import BaselineTrainer
+        return BaselineTrainer(config, workdir, allow_changes=tuple(allow_changes))
     from sfd_jax.ddpm.trainer import Trainer  # heavy imports only once the flags are parsed
     return Trainer(config, workdir, allow_changes=tuple(allow_changes))
 
