@@ -1,9 +1,6 @@
-"""Training: step semantics, sharding (1 vs 8 devices, FSDP), multi-process, resume, recipes, bad input."""
+"""Training: step semantics, resume, recipes, bad input (1 vs 8 devices and multi-process: tests/method/test_task_twins.py)."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +14,7 @@ from sfd_jax.ddpm.task import DDPMTask
 from sfd_jax.distill.state import SFDState, make_optimizer
 from sfd_jax.ddpm.steps import antithetic_timesteps, make_sfd_step
 from sfd_jax.ddpm.trainer import early_stage_steps
-from tests.conftest import ROOT, load_config, run_cli
-
-SCRIPT = str(ROOT / "tests" / "scripts" / "run_steps.py")
-
+from tests.conftest import load_config, run_cli
 
 def make_pretrained(directory, cfg, seed=0):
     p = ConditionalUNet.from_config(cfg).init_params(jax.random.key(seed))
@@ -105,72 +99,6 @@ def test_fused_and_separate_passes_give_the_same_losses():
     for k in out[True]:
         assert out[True][k] == pytest.approx(out[False][k], rel=1e-5 if k.startswith("sg") else 1e-4), k
     assert out[True]["sg_forget_loss"] > 0 and out[True]["g_forget_loss"] != 0
-
-
-def _run_steps(out, init, devices, *args, env_extra=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, SCRIPT, str(out), init, "--adam_eps=1e-4", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _compare(a, b, atol=1e-5):
-    """Losses to rtol 1e-5 and parameters to atol 1e-5. Adam moments are gradient statistics (sums over batch and
-    pixels reduced in another order; some gradients are zero up to rounding), so they are compared relative to
-    the largest moment of their kind."""
-    a, b = np.load(a), np.load(b)
-    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
-    kind = lambda k: ".mu" if ".mu" in k else ".nu" if ".nu" in k else None  # noqa: E731
-    scale = {m: max(float(np.abs(a[k]).max()) for k in a.files if k.startswith("param") and kind(k) == m)
-             for m in (".mu", ".nu")}
-    for k in a.files:
-        if k.startswith("param"):
-            tol = 1e-3 * scale[kind(k)] if kind(k) else atol
-            assert np.abs(a[k] - b[k]).max() <= tol, (k, np.abs(a[k] - b[k]).max())
-    return a, b
-
-
-def _wait(proc):
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
-
-
-def test_same_steps_on_1_and_8_devices_with_fsdp(tmp_path, pretrained):
-    """Adam eps is 1e-4 here: with 1e-8, gradients that are zero up to rounding (per-channel biases under a
-    GroupNorm with one channel per group) become ±lr steps whose sign is rounding noise."""
-    one = _run_steps(tmp_path / "one.npz", pretrained, 1)
-    _wait(one)
-    eight = _run_steps(tmp_path / "eight.npz", pretrained, 8, "--data=2", "--fsdp=4")
-    _wait(eight)
-    a, b = _compare(tmp_path / "one.npz", tmp_path / "eight.npz")
-    assert int(b["n_devices"]) == 8
-    sharded = 0
-    for k in b.files:
-        if k.startswith("shard"):
-            full = a["param" + k[5:]].shape
-            if np.prod(full) >= 4096:   # fsdp_min_size of the script: every large array holds 1/4 per device
-                assert np.prod(b[k]) * 4 == np.prod(full), (k, full, b[k])
-                sharded += 1
-    assert sharded > 100   # parameters of 3 networks and both Adam moments
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(tmp_path, pretrained):
-    single = _run_steps(tmp_path / "single.npz", pretrained, 4, "--data=2", "--fsdp=2")
-    _wait(single)
-    env = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-               RUN_STEPS_WORKDIR=str(tmp_path / "wd"))
-    procs = [_run_steps(tmp_path / "multi.npz", pretrained, 2, "--data=2", "--fsdp=2",
-                        env_extra={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    for p in procs:
-        _wait(p)
-    _compare(tmp_path / "single.npz", tmp_path / "multi.npz")
 
 
 def _train(workdir, init, *extra, devices=None):

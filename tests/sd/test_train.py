@@ -1,21 +1,17 @@
-"""Stable Diffusion SFD training on a tiny random pipeline (no torch): 1 vs 8 devices with FSDP, gradient
-accumulation, the end-to-end recipe run with kill-and-resume, its checkpoint through export/evaluate, bad input."""
+"""Stable Diffusion SFD training on a tiny random pipeline (no torch): gradient accumulation, the end-to-end recipe
+run with kill-and-resume, its checkpoint through export/evaluate, bad input. 1 vs 8 devices and multi-process:
+tests/method/test_task_twins.py."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, last_line, load_config, run_cli
-
-SCRIPT = str(ROOT / "tests" / "scripts" / "sd_run_steps.py")
-
+from tests.conftest import last_line, load_config, run_cli
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
@@ -26,69 +22,6 @@ def pipeline(tmp_path_factory):
 def _tiny(pipeline, **overrides):
     from sfd_jax.sd.config import tiny_sd_overrides
     return tiny_sd_overrides(load_config("sd15_celebrity", **overrides), pipeline)
-
-
-# ------------------------------------------------------------------------------------------ sharding
-def _run_steps(out, pipeline, devices, *args):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, SCRIPT, str(out), pipeline, *args], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out)
-
-
-def _compare(a, b):
-    """Losses (columns: g_forget, g_nan_dropped, g_remain, sg_forget, sg_nan_dropped, sg_remain; the SiD loss
-    multiplies differences of nearly equal network outputs, which amplifies fp32 rounding of another reduction
-    order), parameters to 1e-5, Adam moments relative to their largest entry. Returns the number of leaves with
-    >= 4096 entries."""
-    np.testing.assert_allclose(a["losses"][:, 3:], b["losses"][:, 3:], rtol=2e-5)
-    np.testing.assert_allclose(a["losses"][:, :3], b["losses"][:, :3], rtol=5e-4)
-    assert np.all(np.isfinite(a["losses"]))
-    large = 0
-    for k in a.files:
-        if not k.startswith("param"):
-            continue
-        if ".mu" in k or ".nu" in k:
-            assert np.abs(a[k] - b[k]).max() <= 1e-3 * max(np.abs(a[k]).max(), 1e-12), k
-        else:
-            assert np.abs(a[k] - b[k]).max() <= 1e-5, (k, np.abs(a[k] - b[k]).max())
-        large += np.prod(a[k].shape) >= 4096
-    return large
-
-
-def test_same_steps_on_1_and_8_devices_with_fsdp(tmp_path, pipeline):
-    a = _run_steps(tmp_path / "one.npz", pipeline, 1)
-    b = _run_steps(tmp_path / "eight.npz", pipeline, 8, "--data=2", "--fsdp=4")
-    assert int(b["n_devices"]) == 8
-    assert _compare(a, b) > 50
-    for k in a.files:   # every large array of the state holds 1/4 per device
-        if k.startswith("param") and np.prod(a[k].shape) >= 4096:
-            assert np.prod(b["shard" + k[5:]]) * 4 == np.prod(a[k].shape), (k, a[k].shape, b["shard" + k[5:]])
-
-
-def _free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(tmp_path, pipeline):
-    """2 jax.distributed processes x 2 devices: every host builds its slice of each prompt micro-batch."""
-    a = _run_steps(tmp_path / "single.npz", pipeline, 4, "--data=2", "--fsdp=2")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-               RUN_STEPS_WORKDIR=str(tmp_path / "wd"))
-    procs = [subprocess.Popen([sys.executable, SCRIPT, str(tmp_path / "multi.npz"), pipeline, "--data=2",
-                               "--fsdp=2"], env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-3000:]
-    _compare(a, np.load(tmp_path / "multi.npz"))
 
 
 def test_gradient_accumulation_sums_the_rounds(pipeline):
