@@ -10,7 +10,8 @@ math, same random draws, one network call per pass); with dropout the two modes 
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,60 @@ from sfd_jax.distill.losses import denoising_loss, sid_generator_loss
 from sfd_jax.ddpm.task import DDPMTask
 from sfd_jax.distill.state import PretrainState, SFDState, ema_update
 
-_SFD_KEYS = ("c", "sg_z_r", "sg_z_f", "sg_t_r", "sg_t_f", "sg_e_r", "sg_e_f", "sg_drop", "sg_do_r", "sg_do_f",
-             "g_z_r", "g_z_f", "g_t_r", "g_t_f", "g_e_r", "g_e_f", "override", "g_do_r", "g_do_f")
+
+class FakeScoreKeys(NamedTuple):
+    """The fake-score update's keys, in split order, each named by what it draws."""
+    latents_remain: jax.Array      # z of the generator samples the fake score learns from
+    latents_forget: jax.Array
+    timesteps_remain: jax.Array    # t of the denoising loss
+    timesteps_forget: jax.Array
+    noise_remain: jax.Array        # ε of the denoising loss
+    noise_forget: jax.Array
+    label_drop: jax.Array          # which remain samples see the null class (``distill.cond_drop_prob``)
+    dropout_remain: jax.Array      # network dropout (of the whole 2B batch when fused)
+    dropout_forget: jax.Array
+
+
+class GeneratorKeys(NamedTuple):
+    """The generator update's keys, in split order, each named by what it draws."""
+    latents_remain: jax.Array      # z of the generator samples being trained
+    latents_forget: jax.Array
+    timesteps_remain: jax.Array    # t at which teacher and fake score are compared
+    timesteps_forget: jax.Array
+    noise_remain: jax.Array        # ε that diffuses the samples to x_t
+    noise_forget: jax.Array
+    override_labels: jax.Array     # the labels the teacher sees on forget samples ('rand'/'prob' draws)
+    dropout_remain: jax.Array      # generator dropout (of the whole 2B batch when fused)
+    dropout_forget: jax.Array
+
+
+def sfd_step_keys(root_key: jax.Array, step) -> tuple[jax.Array, FakeScoreKeys, GeneratorKeys]:
+    """(remain-label key, fake-score keys, generator keys) from ``fold_in(root_key, step)``.
+
+    One split into 19 keys in this order; the order is part of a run's numbers (changing it changes every draw of
+    every step, so resumed runs of older checkpoints would no longer follow their original trajectory)."""
+    n = len(FakeScoreKeys._fields)
+    keys = jax.random.split(jax.random.fold_in(root_key, step), 1 + 2 * n)
+    return keys[0], FakeScoreKeys(*keys[1:1 + n]), GeneratorKeys(*keys[1 + n:])
+
+
+class Part(NamedTuple):
+    """One part (remain or forget) of an update's batch: labels [B], latents z and noise ε [B,H,W,C], timesteps
+    t [B] int, and for the fake score's remain part the null-class mask [B] bool (None: no sample dropped)."""
+    labels: jax.Array
+    latents: jax.Array
+    timesteps: jax.Array
+    noise: jax.Array
+    drop: jax.Array | None = None
+
+
+def fuse(remain: Part, forget: Part) -> Part:
+    """The two parts as one batch of 2B, remain first (a missing null-class mask is all False)."""
+    drop = None
+    if remain.drop is not None or forget.drop is not None:
+        drop = jnp.concatenate([jnp.zeros(p.labels.shape, bool) if p.drop is None else p.drop
+                                for p in (remain, forget)])
+    return Part(*(jnp.concatenate([a, b]) for a, b in zip(remain[:4], forget[:4])), drop)
 
 
 def make_generator(model, alphas_cumprod, t_init: int) -> Callable:
@@ -35,141 +88,178 @@ def make_generator(model, alphas_cumprod, t_init: int) -> Callable:
     return gen
 
 
+class SFDStep:
+    """``step(state: SFDState, teacher_params, root_key) -> (SFDState, metrics)``, built by :func:`make_sfd_step`.
+
+    One step is two updates, each on a remain part (labels c, uniform over the remaining classes) and, when the
+    task forgets with a non-zero coefficient, a forget part (:meth:`forget_batch`):
+    A. :meth:`fake_score_update` on generator samples (eval mode, no gradient to G): ε-MSE, coefficients
+       sg_remain/forget_coef, clip by value, Adam.
+    B. :meth:`generator_update` with the just-updated fake score: same c, fresh z/ε/t; SiD loss with teacher and
+       fake score at c (remain) and teacher at the override labels / fake score at the forgotten class (forget);
+       G dropout on; clip, Adam; EMA.
+    With ``pseudo_label_type`` 'amax'/'prob' the override labels come from ``classifier_fn(x [B,H,W,C] in
+    [-1,1]) -> logits`` applied to the fake score's clean estimate x̂ clamped to [-1, 1] (the original feeds
+    clamp((x̂+1)/2, 0, 1) to a classifier that takes [0, 1] images), per timestep inside the loss.
+    ``fused``: the remain and forget parts of each update run as one batch of 2B (:func:`fuse`) with per-part means.
+    """
+
+    def __init__(self, model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.GradientTransformation,
+                 sg_tx: optax.GradientTransformation, *, batch_size: int,
+                 batch_sharding: jax.sharding.Sharding | None = None, fused: bool = True,
+                 classifier_fn: Callable | None = None):
+        if task.uses_classifier and classifier_fn is None:
+            raise ValueError(f"pseudo_label_type={task.pseudo_label_type!r} needs a classifier (distill.clf_path)")
+        d = config.distill
+        self.model, self.task, self.g_tx, self.sg_tx = model, task, g_tx, sg_tx
+        self.classifier_fn, self.batch_sharding, self.fused = classifier_fn, batch_sharding, fused
+        self.ac = jnp.asarray(alphas_cumprod, jnp.float32)
+        self.B = batch_size
+        self.shape = (batch_size, config.data.image_size, config.data.image_size, config.model.in_channels)
+        self.cond_scale, self.drop_prob = float(d.cond_scale), float(d.cond_drop_prob)
+        self.alpha, self.diffinst = float(d.alpha), bool(d.use_diffinst)
+        self.sg_r, self.sg_f = float(d.sg_remain_coef), float(d.sg_forget_coef)
+        self.g_r, self.g_f = float(d.g_remain_coef), float(d.g_forget_coef)
+        self.ema_rate = float(config.model.ema_rate)
+        self.gen = make_generator(model, self.ac, int(d.t_init))
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def constrain(self, x):
+        return x if self.batch_sharding is None else jax.lax.with_sharding_constraint(x, self.batch_sharding)
+
+    def normal(self, key):
+        return self.constrain(jax.random.normal(key, self.shape, jnp.float32))
+
+    def eps(self, params, labels, *, train=False, rng=None, drop=None):
+        return diffusion.class_conditional_eps_fn(self.model.apply, params, labels, self.cond_scale, drop_mask=drop,
+                                                  train=train, rng=rng)
+
+    def remain_batch(self, keys: FakeScoreKeys | GeneratorKeys, labels, drop=None) -> Part:
+        """The remain part of one update: the given labels c, fresh z and ε, t from the task's range."""
+        return Part(labels, self.normal(keys.latents_remain),
+                    self.constrain(self.task.timesteps(keys.timesteps_remain, self.B)), self.normal(keys.noise_remain),
+                    drop)
+
+    def forget_batch(self, keys: FakeScoreKeys | GeneratorKeys, step, forgets: bool) -> Part | None:
+        """The forget part of one update (None when ``forgets`` is False): the forgotten class, fresh z and ε, t
+        from the forget range (widened during ``distill.forget_warmup``)."""
+        if not forgets:
+            return None
+        return Part(self.constrain(self.task.forget_labels(self.B)), self.normal(keys.latents_forget),
+                    self.constrain(self.task.forget_timesteps(keys.timesteps_forget, self.B, step)),
+                    self.normal(keys.noise_forget))
+
+    def classifier_override_teacher(self, teacher, fake, key, forget_labels, remain_labels=None):
+        """Teacher eps fn whose forget samples use classifier labels on the fake score's x̂ (at ``forget_labels``).
+        ``remain_labels``: labels of a fused batch's remain half, where the teacher stays at c."""
+        n = 0 if remain_labels is None else remain_labels.shape[0]
+
+        def eps_fn(x_t, t):
+            x_f, t_f = (x_t, t) if n == 0 else (x_t[n:], t[n:])
+            x0 = diffusion.eps_to_x0(x_f, self.eps(fake, forget_labels)(x_f, t_f), self.ac[t_f.astype(jnp.int32)])
+            labels = self.task.classifier_labels(key, self.classifier_fn(jnp.clip(jax.lax.stop_gradient(x0), -1.0, 1.0)))
+            if n:
+                labels = jnp.concatenate([remain_labels, labels])
+            return self.eps(teacher, labels)(x_t, t)
+        return eps_fn
+
+    # ------------------------------------------------------------------------------------------- A, B, step
+    def fake_score_update(self, state: SFDState, keys: FakeScoreKeys, c):
+        """A. -> (fake_score, sg_opt, metrics): ε-MSE of the fake score on frozen generator samples."""
+        B, ac = self.B, self.ac
+        drop = self.constrain(jax.random.uniform(keys.label_drop, (B,)) < self.drop_prob)
+        remain = self.remain_batch(keys, c, drop)
+        forget = self.forget_batch(keys, state.step, self.task.forgets and self.sg_f > 0)
+        g_frozen = jax.lax.stop_gradient(state.generator)
+        if forget is not None and self.fused:
+            batch = fuse(remain, forget)
+            x0 = jax.lax.stop_gradient(self.gen(g_frozen, batch.labels, batch.latents))
+
+            def part_losses(p):
+                eps_fn = self.eps(p, batch.labels, train=True, rng=keys.dropout_remain, drop=batch.drop)
+                per = denoising_loss(eps_fn, x0, batch.timesteps, batch.noise, ac)
+                return per[:B].mean(), per[B:].mean()
+        else:
+            x0_r = jax.lax.stop_gradient(self.gen(g_frozen, remain.labels, remain.latents))
+            x0_f = None if forget is None else jax.lax.stop_gradient(self.gen(g_frozen, forget.labels, forget.latents))
+
+            def part_losses(p):
+                eps_r = self.eps(p, remain.labels, train=True, rng=keys.dropout_remain, drop=remain.drop)
+                l_r = denoising_loss(eps_r, x0_r, remain.timesteps, remain.noise, ac).mean()
+                if forget is None:
+                    return l_r, jnp.float32(0.0)
+                eps_f = self.eps(p, forget.labels, train=True, rng=keys.dropout_forget)
+                return l_r, denoising_loss(eps_f, x0_f, forget.timesteps, forget.noise, ac).mean()
+
+        def loss(p):
+            l_r, l_f = part_losses(p)
+            return self.sg_r * l_r + self.sg_f * l_f, (l_r, l_f)
+
+        (total, (l_r, l_f)), grads = jax.value_and_grad(loss, has_aux=True)(state.fake_score)
+        updates, sg_opt = self.sg_tx.update(grads, state.sg_opt, state.fake_score)
+        metrics = dict(sg_remain_loss=l_r, sg_forget_loss=l_f, sg_total=total)
+        return optax.apply_updates(state.fake_score, updates), sg_opt, metrics
+
+    def generator_update(self, state: SFDState, fake_score, teacher, keys: GeneratorKeys, c):
+        """B. -> (generator, g_opt, metrics): SiD loss of the generator against the teacher and ``fake_score``."""
+        B, ac, gen, eps, task = self.B, self.ac, self.gen, self.eps, self.task
+        sid = functools.partial(sid_generator_loss, alphas_cumprod=ac, alpha=self.alpha, diffinst=self.diffinst)
+        fake, teacher = jax.lax.stop_gradient(fake_score), jax.lax.stop_gradient(teacher)
+        remain = self.remain_batch(keys, c)
+        forget = self.forget_batch(keys, state.step, task.forgets and self.g_f > 0)
+        if forget is not None and not task.uses_classifier:
+            override = self.constrain(task.override_labels(keys.override_labels, B))
+
+        def forget_teacher(remain_labels=None):
+            """The teacher's eps fn on the forget part (after ``remain_labels`` in a fused batch)."""
+            if task.uses_classifier:
+                return self.classifier_override_teacher(teacher, fake, keys.override_labels, forget.labels,
+                                                        remain_labels)
+            return eps(teacher, override if remain_labels is None else jnp.concatenate([remain_labels, override]))
+
+        if forget is not None and self.fused:
+            batch = fuse(remain, forget)
+
+            def part_losses(p):
+                x0 = gen(p, batch.labels, batch.latents, True, keys.dropout_remain)
+                per = sid(forget_teacher(remain.labels), eps(fake, batch.labels), x0, batch.timesteps, batch.noise)
+                return per[:B].mean(), per[B:].mean()
+        else:
+            def part_losses(p):
+                x0_r = gen(p, remain.labels, remain.latents, True, keys.dropout_remain)
+                l_r = sid(eps(teacher, c), eps(fake, c), x0_r, remain.timesteps, remain.noise).mean()
+                if forget is None:
+                    return l_r, jnp.float32(0.0)
+                x0_f = gen(p, forget.labels, forget.latents, True, keys.dropout_forget)
+                return l_r, sid(forget_teacher(), eps(fake, forget.labels), x0_f, forget.timesteps, forget.noise).mean()
+
+        def loss(p):
+            l_r, l_f = part_losses(p)
+            return self.g_r * l_r + self.g_f * l_f, (l_r, l_f)
+
+        (total, (l_r, l_f)), grads = jax.value_and_grad(loss, has_aux=True)(state.generator)
+        updates, g_opt = self.g_tx.update(grads, state.g_opt, state.generator)
+        metrics = dict(g_remain_loss=l_r, g_forget_loss=l_f, g_total=total)
+        return optax.apply_updates(state.generator, updates), g_opt, metrics
+
+    def __call__(self, state: SFDState, teacher, root_key):
+        label_key, fake_score_keys, generator_keys = sfd_step_keys(root_key, state.step)
+        c = self.constrain(self.task.remain_labels(label_key, self.B))
+        fake_score, sg_opt, sg_metrics = self.fake_score_update(state, fake_score_keys, c)
+        generator, g_opt, g_metrics = self.generator_update(state, fake_score, teacher, generator_keys, c)
+        new = SFDState(step=state.step + 1, generator=generator,
+                       generator_ema=ema_update(state.generator_ema, generator, self.ema_rate),
+                       fake_score=fake_score, g_opt=g_opt, sg_opt=sg_opt)
+        return new, {**sg_metrics, **g_metrics}
+
+
 def make_sfd_step(model, config, task: DDPMTask, alphas_cumprod, g_tx: optax.GradientTransformation,
                   sg_tx: optax.GradientTransformation, *, batch_size: int,
                   batch_sharding: jax.sharding.Sharding | None = None, fused: bool = True,
                   classifier_fn: Callable | None = None) -> Callable:
-    """Build ``step(state: SFDState, teacher_params, root_key) -> (SFDState, metrics)``.
-
-    A. fake-score update on generator samples (eval mode, no gradient to G): remain labels c (uniform over the
-       remaining classes) + forget labels, ε-MSE, coefficients sg_remain/forget_coef, clip by value, Adam.
-    B. generator update with the just-updated fake score: same c, fresh z/ε/t; SiD loss with teacher and fake
-       score at c (remain) and teacher at override / fake at forget (forget); G dropout on; clip, Adam; EMA.
-    With ``pseudo_label_type`` 'amax'/'prob' the override labels come from ``classifier_fn(x [B,H,W,C] in
-    [-1,1]) -> logits`` applied to the fake score's clean estimate x̂ clamped to [-1, 1] (the original feeds
-    clamp((x̂+1)/2, 0, 1) to a classifier that takes [0, 1] images), per timestep inside the loss.
-    """
-    if task.uses_classifier and classifier_fn is None:
-        raise ValueError(f"pseudo_label_type={task.pseudo_label_type!r} needs a classifier (distill.clf_path)")
-    d = config.distill
-    ac = jnp.asarray(alphas_cumprod, jnp.float32)
-    res, ch = config.data.image_size, config.model.in_channels
-    B = batch_size
-    shape = (B, res, res, ch)
-    cond_scale, drop_prob = float(d.cond_scale), float(d.cond_drop_prob)
-    alpha, diffinst = float(d.alpha), bool(d.use_diffinst)
-    sg_r, sg_f = float(d.sg_remain_coef), float(d.sg_forget_coef)
-    g_r, g_f = float(d.g_remain_coef), float(d.g_forget_coef)
-    do_sg_f = task.forgets and sg_f > 0
-    do_g_f = task.forgets and g_f > 0
-    ema_rate = float(config.model.ema_rate)
-    gen = make_generator(model, ac, int(d.t_init))
-
-    def constrain(x):
-        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
-
-    def eps(params, labels, *, train=False, rng=None, drop=None):
-        return diffusion.class_conditional_eps_fn(model.apply, params, labels, cond_scale, drop_mask=drop,
-                                                  train=train, rng=rng)
-
-    def normal(key):
-        return constrain(jax.random.normal(key, shape, jnp.float32))
-
-    def override_teacher(teacher, fake, key, forget, remain_labels=None):
-        """Teacher eps fn whose forget samples use classifier labels on the fake score's x̂ (at the ``forget``
-        labels). ``remain_labels``: labels of a fused batch's remain half, where the teacher stays at c."""
-        def eps_fn(x_t, t):
-            ti = t.astype(jnp.int32)
-            a = ac[ti].reshape(-1, 1, 1, 1)
-            x_part = x_t if remain_labels is None else x_t[remain_labels.shape[0]:]
-            t_part = t if remain_labels is None else t[remain_labels.shape[0]:]
-            a_part = a if remain_labels is None else a[remain_labels.shape[0]:]
-            sg_e = eps(fake, forget)(x_part, t_part)
-            sg_x = jax.lax.stop_gradient((x_part - jnp.sqrt(1 - a_part) * sg_e) / jnp.sqrt(a_part))
-            labels = task.classifier_labels(key, classifier_fn(jnp.clip(sg_x, -1.0, 1.0)))
-            if remain_labels is not None:
-                labels = jnp.concatenate([remain_labels, labels])
-            return eps(teacher, labels)(x_t, t)
-        return eps_fn
-
-    def step(state: SFDState, teacher, root_key):
-        k = dict(zip(_SFD_KEYS, jax.random.split(jax.random.fold_in(root_key, state.step), len(_SFD_KEYS))))
-        zeros = jnp.float32(0.0)
-        c = constrain(task.remain_labels(k["c"], B))
-        forget = constrain(task.forget_labels(B))
-
-        # ---------------------------------------------------------------- A. fake-score update
-        g_frozen = jax.lax.stop_gradient(state.generator)
-        z_r, t_r, e_r = normal(k["sg_z_r"]), constrain(task.timesteps(k["sg_t_r"], B)), normal(k["sg_e_r"])
-        drop_r = constrain(jax.random.uniform(k["sg_drop"], (B,)) < drop_prob)
-        if do_sg_f:
-            z_f, e_f = normal(k["sg_z_f"]), normal(k["sg_e_f"])
-            t_f = constrain(task.forget_timesteps(k["sg_t_f"], B, state.step))
-        if do_sg_f and fused:
-            x0 = jax.lax.stop_gradient(gen(g_frozen, jnp.concatenate([c, forget]), jnp.concatenate([z_r, z_f])))
-            labels2, drop2 = jnp.concatenate([c, forget]), jnp.concatenate([drop_r, jnp.zeros((B,), bool)])
-            t2, e2 = jnp.concatenate([t_r, t_f]), jnp.concatenate([e_r, e_f])
-        else:
-            x0_r = jax.lax.stop_gradient(gen(g_frozen, c, z_r))
-            x0_f = jax.lax.stop_gradient(gen(g_frozen, forget, z_f)) if do_sg_f else None
-
-        def sg_loss(p):
-            if do_sg_f and fused:
-                per = denoising_loss(eps(p, labels2, train=True, rng=k["sg_do_r"], drop=drop2), x0, t2, e2, ac)
-                l_r, l_f = per[:B].mean(), per[B:].mean()
-            else:
-                l_r = denoising_loss(eps(p, c, train=True, rng=k["sg_do_r"], drop=drop_r), x0_r, t_r, e_r, ac).mean()
-                l_f = (denoising_loss(eps(p, forget, train=True, rng=k["sg_do_f"]), x0_f, t_f, e_f, ac).mean()
-                       if do_sg_f else zeros)
-            return sg_r * l_r + sg_f * l_f, (l_r, l_f)
-
-        (sg_total, (sg_lr, sg_lf)), grads = jax.value_and_grad(sg_loss, has_aux=True)(state.fake_score)
-        updates, sg_opt = sg_tx.update(grads, state.sg_opt, state.fake_score)
-        fake_score = optax.apply_updates(state.fake_score, updates)
-
-        # ---------------------------------------------------------------- B. generator update
-        fake_frozen, teacher = jax.lax.stop_gradient(fake_score), jax.lax.stop_gradient(teacher)
-        gz_r, gt_r, ge_r = normal(k["g_z_r"]), constrain(task.timesteps(k["g_t_r"], B)), normal(k["g_e_r"])
-        if do_g_f:
-            gz_f, ge_f = normal(k["g_z_f"]), normal(k["g_e_f"])
-            gt_f = constrain(task.forget_timesteps(k["g_t_f"], B, state.step))
-            if not task.uses_classifier:
-                override = constrain(task.override_labels(k["override"], B))
-
-        def g_loss(p):
-            if do_g_f and fused:
-                x0g = gen(p, jnp.concatenate([c, forget]), jnp.concatenate([gz_r, gz_f]), True, k["g_do_r"])
-                teacher_fn = (override_teacher(teacher, fake_frozen, k["override"], forget, c) if task.uses_classifier
-                              else eps(teacher, jnp.concatenate([c, override])))
-                per = sid_generator_loss(teacher_fn, eps(fake_frozen, jnp.concatenate([c, forget])), x0g,
-                                         jnp.concatenate([gt_r, gt_f]), jnp.concatenate([ge_r, ge_f]), ac, alpha,
-                                         diffinst)
-                l_r, l_f = per[:B].mean(), per[B:].mean()
-            else:
-                x0g = gen(p, c, gz_r, True, k["g_do_r"])
-                l_r = sid_generator_loss(eps(teacher, c), eps(fake_frozen, c), x0g, gt_r, ge_r, ac, alpha,
-                                         diffinst).mean()
-                if do_g_f:
-                    x0f = gen(p, forget, gz_f, True, k["g_do_f"])
-                    teacher_fn = (override_teacher(teacher, fake_frozen, k["override"], forget) if task.uses_classifier
-                                  else eps(teacher, override))
-                    l_f = sid_generator_loss(teacher_fn, eps(fake_frozen, forget), x0f, gt_f, ge_f, ac, alpha,
-                                             diffinst).mean()
-                else:
-                    l_f = zeros
-            return g_r * l_r + g_f * l_f, (l_r, l_f)
-
-        (g_total, (g_lr, g_lf)), grads = jax.value_and_grad(g_loss, has_aux=True)(state.generator)
-        updates, g_opt = g_tx.update(grads, state.g_opt, state.generator)
-        generator = optax.apply_updates(state.generator, updates)
-        new = SFDState(step=state.step + 1, generator=generator,
-                       generator_ema=ema_update(state.generator_ema, generator, ema_rate),
-                       fake_score=fake_score, g_opt=g_opt, sg_opt=sg_opt)
-        metrics = dict(sg_remain_loss=sg_lr, sg_forget_loss=sg_lf, sg_total=sg_total,
-                       g_remain_loss=g_lr, g_forget_loss=g_lf, g_total=g_total)
-        return new, metrics
-
-    return step
+    """Build ``step(state: SFDState, teacher_params, root_key) -> (SFDState, metrics)`` (an :class:`SFDStep`)."""
+    return SFDStep(model, config, task, alphas_cumprod, g_tx, sg_tx, batch_size=batch_size,
+                   batch_sharding=batch_sharding, fused=fused, classifier_fn=classifier_fn)
 
 
 def antithetic_timesteps(key, n: int, num_timesteps: int) -> jax.Array:
