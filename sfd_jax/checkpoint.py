@@ -203,7 +203,8 @@ class Checkpointer:
         """Steps a newest-first restore skipped, with the reason (nothing is deleted)."""
         return dict(self._bad)
 
-    def _step(self, step: int | None) -> int:
+    def checked_step(self, step: int | None) -> int:
+        """``step``, or the newest step when None; FileNotFoundError when there is no such step."""
         step = self.latest_step() if step is None else step
         if step is None or step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
@@ -213,7 +214,7 @@ class Checkpointer:
         """``fn(step)`` at ``step``, or (``step`` None) at the newest step that restores: a step that fails is
         reported in one warning line, remembered in :attr:`skipped` and the next older one is tried."""
         if step is not None:
-            self._step(step)
+            self.checked_step(step)
             try:
                 return fn(step)
             except (KeyError, FileNotFoundError):
@@ -243,7 +244,7 @@ class Checkpointer:
 
     def items(self, step: int | None = None) -> list[str]:
         """Names of the items saved at ``step`` (default latest)."""
-        d = self.directory / str(self._step(step))
+        d = self.directory / str(self.checked_step(step))
         return sorted(c.name for c in d.iterdir() if c.is_dir())
 
     def item_shapes(self, name: str, step: int | None = None):

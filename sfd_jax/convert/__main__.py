@@ -37,8 +37,7 @@ COMMANDS = ("ddpm", "ddpm-to-pth", "export-diffusers", "import-diffusers", "sid-
 def convert_ddpm(src: str, config, out: str) -> str:
     """Original .pth -> our checkpoint under ``out``; returns the step directory written."""
     from sfd_jax.checkpoint import Checkpointer
-    from sfd_jax.convert.ddpm import check_params, read_seed_ddpm_checkpoint
-    from sfd_jax.ddpm.networks import abstract_params
+    from sfd_jax.ddpm.networks import NetworkReader
 
     if not os.path.isfile(src):
         raise FileNotFoundError(f"--src {src!r} does not exist")
@@ -47,17 +46,14 @@ def convert_ddpm(src: str, config, out: str) -> str:
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --out")
-    kind, step, nets = read_seed_ddpm_checkpoint(src)
-    expected = abstract_params(config)
-    present = {k: v for k, v in nets.items() if v is not None}
-    if not present:
+    reader = NetworkReader(src, config, what="--src")
+    if not reader.names:
         raise UsageError(f"{src} holds no network weights")
-    for name, params in present.items():
-        check_params(params, expected, what=f"{os.path.basename(src)} [{name}]")
+    nets = reader.read()
     ckpt = Checkpointer(ckpt_dir)
-    step = 0 if step is None else step
-    ckpt.save(step, present, config=config,
-              meta={"source": os.path.abspath(src), "kind": kind, "format": "seed_ddpm_pth", "step": step})
+    step = 0 if reader.step is None else reader.step
+    ckpt.save(step, nets, config=config,
+              meta={"source": os.path.abspath(src), "kind": reader.kind, "format": "seed_ddpm_pth", "step": step})
     ckpt.wait()
     ckpt.close()
     return os.path.join(ckpt_dir, str(step))
@@ -65,18 +61,14 @@ def convert_ddpm(src: str, config, out: str) -> str:
 
 def export_ddpm(checkpoint: str, out: str) -> None:
     """Our checkpoint -> original .pth (the list layout of the original for its kind)."""
-    from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
     from sfd_jax.convert.ddpm import save_seed_ddpm_checkpoint
-    from sfd_jax.ddpm.networks import abstract_params
+    from sfd_jax.ddpm.networks import NetworkReader, is_seed_checkpoint
 
-    directory, step = resolve_checkpoint_dir(checkpoint)
-    ckpt = Checkpointer(directory)
-    step = ckpt._step(step)
-    config = ckpt.restore_config(step)
-    target = abstract_params(config)
-    names = [n for n in ("model", "ema", "fake_score", "generator", "generator_ema") if n in ckpt.items(step)]
-    nets = ckpt.restore({n: target for n in names}, step)
-    save_seed_ddpm_checkpoint(out, step=step, **nets)
+    if is_seed_checkpoint(checkpoint):
+        raise UsageError(f"--checkpoint {checkpoint} is a file; expected our checkpoint directory")
+    reader = NetworkReader(checkpoint, what="--checkpoint")
+    nets = reader.read()
+    save_seed_ddpm_checkpoint(out, step=reader.step, **nets)
 
 
 def _check_paths(command: str) -> None:

@@ -74,14 +74,14 @@ def import_diffusers_unet(src: str, out: str, *, variant: str | None = None, ite
                                 item=item)
 
 
-def _restore_generator(checkpoint: str, abstract, prefer: tuple[str, ...] = GENERATOR_ITEMS):
+def restore_generator(checkpoint: str, abstract, prefer: tuple[str, ...] = GENERATOR_ITEMS):
     """(item name, step, params) of the first item of ``prefer`` the checkpoint holds (default: the EMA
     generator, else the raw one), checked against ``abstract``'s shapes and restored onto one device."""
     from sfd_jax.checkpoint import Checkpointer, abstract_like, resolve_checkpoint_dir
 
     directory, step = resolve_checkpoint_dir(checkpoint)
     ckpt = Checkpointer(directory)
-    step = ckpt._step(step)
+    step = ckpt.checked_step(step)
     items = ckpt.items(step)
     name = next((n for n in prefer if n in items), None)
     if name is None:
@@ -113,7 +113,7 @@ def export_diffusers(checkpoint: str, base: str, out: str) -> str:
     with open(os.path.join(base_unet, "config.json")) as f:
         unet_config = json.load(f)
     module = UNet2DConditionModel.from_config(unet_config)
-    name, step, params = _restore_generator(checkpoint, abstract_params(module))
+    name, step, params = restore_generator(checkpoint, abstract_params(module))
 
     tmp = out.rstrip("/") + ".partial"
     if os.path.exists(tmp):

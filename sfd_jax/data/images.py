@@ -76,10 +76,10 @@ class ImageDataset:
 
     def select_labels(self, keep: Sequence[int]) -> "ImageDataset":
         """Only the images whose label is in ``keep`` (labels are not renumbered), original order kept."""
-        return self.subset(np.isin(self.labels, _check_keep(keep, self.n_classes, self.name)))
+        return self.subset(np.isin(self.labels, check_keep(keep, self.n_classes, self.name)))
 
 
-def _check_keep(keep, n_classes: int, name: str) -> np.ndarray:
+def check_keep(keep, n_classes: int, name: str) -> np.ndarray:
     keep = np.unique(np.asarray(list(keep), dtype=np.int64))
     if keep.size and (keep.min() < 0 or keep.max() >= n_classes):
         raise ValueError(f"{name}: labels_keep must lie in [0, {n_classes}), got {keep.tolist()}")

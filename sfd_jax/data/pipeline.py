@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from sfd_jax.data.images import ImageDataset, _check_keep, flip_where, to_model_space
+from sfd_jax.data.images import ImageDataset, check_keep, flip_where, to_model_space
 
 _FLIP_TAG = 0x666C6970   # 'flip': keeps the flip seeds [seed, TAG, step] apart from the epoch seeds [seed, epoch]
 
@@ -61,7 +61,7 @@ class BatchStream:
         if labels_keep is None:
             self.indices = np.arange(len(dataset))
         else:
-            keep = _check_keep(labels_keep, dataset.n_classes, dataset.name)
+            keep = check_keep(labels_keep, dataset.n_classes, dataset.name)
             self.indices = np.flatnonzero(np.isin(dataset.labels, keep))
         if len(self.indices) == 0:
             raise ValueError(f"{dataset.name}: no examples to draw from (dataset size {len(dataset)}, "

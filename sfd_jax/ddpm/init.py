@@ -10,46 +10,12 @@ distilled checkpoint (fake_score, generator, generator_ema):
                                       teacher = the *fake score* (the original's two-stage rule).
 ``distill.teacher_from='pretrained'`` instead loads teacher and fake score from ``distill.pretrained_checkpoint``
 (what the original's broken ``--init_ckpt_0`` flag was meant to do).
+Checkpoints are read by :func:`sfd_jax.ddpm.networks.load_all_networks`; this module only applies the rules.
 """
 from __future__ import annotations
 
-import os
-
-import jax
-import numpy as np
-
-from sfd_jax.checkpoint import NETWORKS, Checkpointer, resolve_checkpoint_dir
 from sfd_jax.cli_utils import UsageError
-from sfd_jax.convert.ddpm import check_params, read_seed_ddpm_checkpoint
-from sfd_jax.ddpm.networks import abstract_params, is_seed_checkpoint
-
-
-def load_all_networks(path: str, config) -> tuple[str, dict]:
-    """(kind, {name: host param tree}) for every network a checkpoint holds, shapes checked against ``config``."""
-    if not path:
-        raise UsageError("config.init_checkpoint is empty: SFD needs a pretrained (or stage-1) checkpoint")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"init_checkpoint {path!r} does not exist")
-    expected = abstract_params(config)
-    if is_seed_checkpoint(path):
-        kind, _, nets = read_seed_ddpm_checkpoint(path)
-        nets = {k: v for k, v in nets.items() if v is not None}
-        for name, params in nets.items():
-            check_params(params, expected, what=f"init_checkpoint {os.path.basename(path)} [{name}]")
-        return kind, nets
-    directory, step = resolve_checkpoint_dir(path)
-    ckpt = Checkpointer(directory)
-    names = [n for n in ckpt.items(step) if n in NETWORKS]
-    for name in names:
-        check_params(ckpt.item_shapes(name, step), expected, what=f"init_checkpoint item {name!r}")
-    # Restore replicated over every device of every process, then keep this process's local copy.
-    from sfd_jax import parallel
-    from sfd_jax.checkpoint import abstract_like
-    target = abstract_like(expected, parallel.replicated(parallel.make_mesh()))
-    nets = ckpt.restore({n: target for n in names}, step)
-    nets = {k: jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), v) for k, v in nets.items()}
-    kind = "distilled" if "generator" in nets or "generator_ema" in nets else "pretrained"
-    return kind, nets
+from sfd_jax.ddpm.networks import load_all_networks
 
 
 def _need(nets: dict, name: str, path: str, hint: str = ""):

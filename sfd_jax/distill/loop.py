@@ -84,7 +84,7 @@ def run_loop(run: RunDir, task: LoopTask, schedule: Schedule, state, start: int,
              initial_grids: str | None = "0", sigterm_at_step: int | None = None):
     """Train from ``start`` to ``schedule.total``; returns the final state. ``initial_grids`` is the tag of the
     grids drawn before a fresh run's first step (None: none)."""
-    ckpt = run._open_checkpointer()
+    ckpt = run.open_checkpointer()
     config = run.config
     logger = MetricsLogger(run.workdir, enabled=run.is_main, resume_step=start)
     if start == 0 and initial_grids is not None and not stop.requested:

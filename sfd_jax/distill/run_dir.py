@@ -169,7 +169,7 @@ class RunDir:
                 print(f"resuming at step {step} with changed settings: {', '.join(self.config_changes)} "
                       "(recorded in config_changes.jsonl)", flush=True)
 
-    def _open_checkpointer(self) -> Checkpointer:
+    def open_checkpointer(self) -> Checkpointer:
         if self.ckpt is None:
             t = self.config.training
             self.ckpt = Checkpointer(self.ckpt_dir, max_to_keep=int(t.max_to_keep) or None,
@@ -182,11 +182,11 @@ class RunDir:
     def latest_step(self) -> int | None:
         if not self._has_checkpoint_dirs():
             return None
-        return self._open_checkpointer().latest_step()
+        return self.open_checkpointer().latest_step()
 
     def restore_newest(self, targets, json_items: tuple[str, ...] = ()) -> tuple[int, dict]:
         """(step, items) from the newest checkpoint that restores; unreadable newer steps are moved aside."""
-        ckpt = self._open_checkpointer()
+        ckpt = self.open_checkpointer()
         step, items = ckpt.restore_step(targets, None, json_items=json_items)
         if ckpt.skipped:
             if self.is_main:
@@ -204,7 +204,7 @@ class RunDir:
                 multihost_utils.sync_global_devices("sfd_jax.unreadable_steps_moved")
             ckpt.close()
             self.ckpt = None
-            self._open_checkpointer()
+            self.open_checkpointer()
         return step, items
 
 

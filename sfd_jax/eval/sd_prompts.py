@@ -244,9 +244,9 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
     from tqdm.auto import tqdm
 
     from sfd_jax import parallel
-    from sfd_jax.convert.sd_checkpoints import GENERATOR_ITEMS, _restore_generator
+    from sfd_jax.convert.sd_checkpoints import GENERATOR_ITEMS, restore_generator
     from sfd_jax.models.sd_unet import UNet2DConditionModel
-    from sfd_jax.sd.pipeline import _read_json, abstract_params, component_dir, load_components, read_model_index
+    from sfd_jax.sd.pipeline import abstract_params, component_dir, load_components, read_json, read_model_index
     from sfd_jax.sd.tokenizer import tokenize
 
     mesh = parallel.make_mesh()
@@ -259,12 +259,12 @@ def generate_prompt_images(checkpoint: str, prompt_files: list[str], seeds: list
         raise UsageError(f"--init_timestep must be in [0, {n_train}), got {init_timestep}")
     # The UNet module comes from the base pipeline's config; its weights from the checkpoint (the base UNet's
     # weights are never read).
-    unet_cfg = _read_json(os.path.join(component_dir(comps.path, "unet", read_model_index(comps.path)),
-                                       "config.json"), "unet/config.json")
+    unet_cfg = read_json(os.path.join(component_dir(comps.path, "unet", read_model_index(comps.path)),
+                                      "config.json"), "unet/config.json")
     unet = UNet2DConditionModel.from_config(unet_cfg, dtype=jnp.dtype(dtype))
     res, factor = _latent_geometry(unet, comps.vae, resolution)
     prefer = GENERATOR_ITEMS if weights == "ema" else ("generator",)
-    item, step, unet_params = _restore_generator(checkpoint, abstract_params(unet), prefer=prefer)
+    item, step, unet_params = restore_generator(checkpoint, abstract_params(unet), prefer=prefer)
     unet_params = jax.device_put(unet_params, rep)
 
     index = {"prompts": [{"prompt": p, "folder": f} for p, f in zip(prompts, folders)], "seeds": list(seeds),

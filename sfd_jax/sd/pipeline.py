@@ -60,7 +60,7 @@ class SDComponents(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------- locating
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise SDLayoutError(f"{what}: {path} is missing")
     with open(path) as f:
@@ -97,7 +97,7 @@ def read_model_index(root: str) -> dict:
     index = os.path.join(root, "model_index.json")
     if not os.path.isfile(index):
         raise SDLayoutError(f"{root} is not a diffusers pipeline folder: it has no model_index.json")
-    return _read_json(index, "model_index.json")
+    return read_json(index, "model_index.json")
 
 
 def component_dir(root: str, name: str, model_index: dict) -> str:
@@ -149,7 +149,7 @@ def load_model(folder: str, kind: str, *, dtype=jnp.float32, variant: str | None
                attention_impl: str = "xla", param_dtype=jnp.float32, put=None, **module_kwargs):
     """One model component folder (``kind`` in unet | vae | text_encoder) -> (module, params, config dict)."""
     name = os.path.basename(os.path.normpath(folder))
-    config = _read_json(os.path.join(folder, "config.json"), f"{name}/config.json")
+    config = read_json(os.path.join(folder, "config.json"), f"{name}/config.json")
     module = _MODULES[kind].from_config(config, what=f"{name}/config.json", dtype=jnp.dtype(dtype),
                                         attention_impl=attention_impl, **module_kwargs)
     params = load_weights(folder, _WEIGHT_STEM[kind], abstract_params(module), variant=variant, what=name,
@@ -195,8 +195,8 @@ def load_components(path_or_repo_id: str, dtype=jnp.float32, variant: str | None
     if "tokenizer" in folders:
         out["tokenizer"] = load_tokenizer(folders["tokenizer"])
     if "scheduler" in folders:
-        config = _read_json(os.path.join(folders["scheduler"], "scheduler_config.json"),
-                            "scheduler/scheduler_config.json")
+        config = read_json(os.path.join(folders["scheduler"], "scheduler_config.json"),
+                           "scheduler/scheduler_config.json")
         out["scheduler_config"] = config
         out["schedule"] = SDSchedule.from_config(config)
     return SDComponents(**out)

@@ -108,9 +108,9 @@ class SDTrainer(RunDir):
         path = self.config.sd.generator_init
         if not path:
             return None
-        from sfd_jax.convert.sd_checkpoints import _restore_generator
+        from sfd_jax.convert.sd_checkpoints import restore_generator
         try:
-            name, step, params = _restore_generator(path, shapes)
+            name, step, params = restore_generator(path, shapes)
         except FileNotFoundError as e:
             raise UsageError(f"sd.generator_init: {e}") from None
         logging.info("generator initialised from %s (item %s, step %d)", path, name, step)
