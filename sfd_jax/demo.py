@@ -1,6 +1,8 @@
 r"""The end-to-end demo: SFD on scikit-learn's 8x8 digits, offline, in minutes on a CPU.
 
   python -m sfd_jax.demo [--workdir=demo_out] [--forget=0]
+  python -m sfd_jax.demo --task=sd [--data=NPZ --class_names=FILE --templates=FILE] [--forget=NAME --override=NAME]
+      # text-to-image: a world trained here, its one-step student, SFD forgetting a concept (sfd_jax.sd.demo)
 
 Stages (each one is skipped when its outputs are already in ``--workdir``; training resumes from its newest
 checkpoint):
@@ -30,7 +32,13 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
     """Defined by cli(), not at import, so that ``run_demo`` can be imported next to other entry points."""
     flags.DEFINE_string("workdir", "demo_out", "Output directory (stages found there are reused).")
-    flags.DEFINE_integer("forget", 0, "The digit (0-9) the distilled generator forgets.")
+    flags.DEFINE_string("forget", None, "The digit (0-9, default 0) the distilled generator forgets; with --task=sd "
+                        "the concept's class name (default: the first class).")
+    flags.DEFINE_enum("task", "ddpm", ["ddpm", "sd"], "ddpm: class-conditional digits; sd: text-to-image world.")
+    flags.DEFINE_string("data", "digits", "--task=sd: digits | fashion_mnist | an npz (images NHWC uint8, labels).")
+    flags.DEFINE_string("class_names", None, "--task=sd: class-names file, one per line (default: built-in/npz).")
+    flags.DEFINE_string("templates", None, "--task=sd: caption templates with {name}, one per line.")
+    flags.DEFINE_string("override", None, "--task=sd: the override concept (default: the class after --forget).")
     flags.DEFINE_bool("fast", False, "Testing aid: shrink every stage to seconds (meaningless numbers).")
     flags.DEFINE_bool("progress", True, "Progress bars for classifier training and sampling.")
 
@@ -40,8 +48,17 @@ def main(argv):
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from sfd_jax.perf import apply_cpu_xla_flags
     apply_cpu_xla_flags()   # before JAX creates its backends (the measured-faster XLA:CPU settings)
+    if FLAGS.task == "sd":
+        from sfd_jax.sd.demo import run_sd_demo
+        run_sd_demo(FLAGS.workdir if FLAGS["workdir"].present else "demo_sd", data=FLAGS.data,
+                    class_names=FLAGS.class_names, templates=FLAGS.templates, forget=FLAGS.forget,
+                    override=FLAGS.override, fast=FLAGS.fast)
+        return
+    if FLAGS.forget is not None and not FLAGS.forget.lstrip("-").isdigit():
+        raise UsageError(f"--forget must be a digit 0..9, got {FLAGS.forget!r}")
+    forget = 0 if FLAGS.forget is None else int(FLAGS.forget)
     from sfd_jax.ddpm.demo import run_demo
-    run_demo(FLAGS.workdir, FLAGS.forget, fast=FLAGS.fast, progress=FLAGS.progress)
+    run_demo(FLAGS.workdir, forget, fast=FLAGS.fast, progress=FLAGS.progress)
 
 
 def cli():

@@ -1,4 +1,5 @@
-r"""Training entry point for all modes: DDPM pretraining, DDPM SFD/SiD distillation, Stable Diffusion SFD.
+r"""Training entry point for all modes: DDPM pretraining, DDPM SFD/SiD distillation, Stable Diffusion SFD,
+Stable Diffusion text-to-image training (``sd_pretrain``).
 
   python -m sfd_jax.train --config=configs/cifar10_sfd.py --workdir=runs/sfd \
       --config.init_checkpoint=ckpt.pth --config.distill.label_to_forget=3
@@ -27,7 +28,7 @@ flags.DEFINE_list("allow_config_change", [], "On resume, accept these changed se
                   "log/snapshot frequencies, sampling, mesh) never need it.")
 FLAGS = flags.FLAGS
 
-MODES = ("pretrain", "sfd", "sd_sfd")
+MODES = ("pretrain", "sfd", "sd_sfd", "sd_pretrain")
 # The original's comparison methods (sfd_jax.ddpm.baselines; README: "The original release and our differences" ›
 # Baselines).
 BASELINE_MODES = ("retrain", "sa_fim", "sa", "salun_mask", "salun", "esd")
@@ -41,6 +42,9 @@ def validate_config(config) -> None:
     if config.mode == "sd_sfd":
         from sfd_jax.sd.task import validate_sd_config
         return validate_sd_config(config)
+    if config.mode == "sd_pretrain":
+        from sfd_jax.sd.pretrain import validate_sd_pretrain_config
+        return validate_sd_pretrain_config(config)
     if config.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
     t = config.training
@@ -79,6 +83,9 @@ def make_trainer(config, workdir: str, *, allow_changes=()):
     if config.mode == "sd_sfd":
         from sfd_jax.sd.trainer import SDTrainer
         return SDTrainer(config, workdir, allow_changes=tuple(allow_changes))
+    if config.mode == "sd_pretrain":
+        from sfd_jax.sd.pretrain import SDPretrainTrainer
+        return SDPretrainTrainer(config, workdir, allow_changes=tuple(allow_changes))
     if config.mode in BASELINE_MODES:
         from sfd_jax.ddpm.baseline_trainer import BaselineTrainer
         return BaselineTrainer(config, workdir, allow_changes=tuple(allow_changes))

@@ -25,7 +25,7 @@ import numpy as np
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.convert import diffusers_weights as dw
 
-GENERATOR_ITEMS = ("generator_ema", "generator")  # preferred first when exporting
+GENERATOR_ITEMS = ("generator_ema", "generator", "ema", "model")  # preferred first; a pretrained UNet: EMA
 
 
 def _unet_folder(src: str) -> str:

@@ -87,3 +87,30 @@ def tiny_sd_overrides(c: ml_collections.ConfigDict, model: str) -> ml_collection
     c.training.dump_ticks = 1
     c.training.grid_items = 2
     return c
+
+
+def sd_pretrain_config() -> ml_collections.ConfigDict:
+    """Text-to-image latent-diffusion training (``mode='sd_pretrain'``, :mod:`sfd_jax.sd.pretrain`): the UNet of
+    ``sd.model`` trained on captioned images, its VAE and CLIP text encoder frozen."""
+    c = ml_collections.ConfigDict()
+    c.mode = "sd_pretrain"
+    c.seed = 0
+    c.dtype = "float32"
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+    c.sd = ml_collections.ConfigDict(dict(
+        model="",                 # diffusers pipeline folder: its UNet is the starting point, VAE + text encoder frozen
+        variant="", attention="xla", remat=False))
+    c.data = ml_collections.ConfigDict(dict(
+        dataset="digits",         # digits | fashion_mnist | path to an npz (images NHWC uint8, labels)
+        class_names="",           # file, one name per line ('' = built-in / the npz's class_names)
+        templates="",             # caption templates with {name}, one per line ('' = the shipped defaults)
+        split="train", random_flip=False))
+    c.training = ml_collections.ConfigDict(dict(
+        batch=128, n_iters=1000, log_freq=50, snapshot_freq=500,
+        caption_dropout=0.1,      # p(caption -> "") for classifier-free guidance
+        ema_rate=0.999, sample_posterior=True,
+        grid_per_class=8, grid_steps=25, grid_guidance=3.0,   # snapshot grids: DDIM steps, guidance w
+        max_to_keep=0, async_checkpoints=True))
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                             grad_clip=1.0))
+    return c

@@ -268,35 +268,46 @@ def write_random_pipeline(folder: str, size: str = "tiny", seed: int = 0, *, une
     overwritten); returns ``folder``. See the module docstring for the layout. ``unet_overrides`` are merged into
     the UNet's config (e.g. ``{"use_linear_projection": True, "attention_head_dim": [2, 4]}``),
     ``scheduler_overrides`` into the scheduler's (e.g. ``{"prediction_type": "v_prediction"}``)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    folder = os.fspath(folder)
+    vocab = write_pipeline_skeleton(folder, {**SD15_SCHEDULER, **(scheduler_overrides or {})})
+    configs = component_configs(size, vocab=vocab, unet_overrides=unet_overrides,
+                                scheduler_overrides=scheduler_overrides)
+    for name in ("unet", "vae", "text_encoder"):
+        # one component at a time, as numpy arrays on the host (sd15's UNet: 3.4 GB, plus its state dict)
+        _, out = _build(size, seed, jnp.float32, (name,), unet_overrides, scheduler_overrides, vocab, "xla",
+                        jnp.float32, put=lambda a: a)
+        save_component(folder, name, configs[name], out.pop(f"{name}_params"))
+        del out
+    return folder
+
+
+def save_component(folder: str, name: str, config: dict, params) -> None:
+    """Write component ``name`` (unet | vae | text_encoder) of a pipeline folder: ``config.json`` and its
+    float32 safetensors weights (the text encoder's under the SD 1.5 repo's ``text_model.`` key names)."""
     from safetensors.numpy import save_file
 
     from sfd_jax.convert import diffusers_weights as dw
 
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    folder = os.fspath(folder)
+    _write_json(os.path.join(folder, name, "config.json"), config)
+    stem = "model" if name == "text_encoder" else "diffusion_pytorch_model"
+    path = os.path.join(folder, name, f"{stem}.safetensors")
+    if name == "text_encoder":  # transformers 4 needs the prefix; 5 accepts it
+        state = {f"text_model.{k}": v for k, v in dw.params_to_state_dict(params).items()}
+        save_file(state, path, metadata={"format": "pt"})
+    else:
+        dw.save_safetensors_params(params, path)
+
+
+def write_pipeline_skeleton(folder: str, scheduler_config: dict) -> tuple[int, int, int]:
+    """``model_index.json``, the scheduler config and the tokenizer of a pipeline folder; returns the tokenizer's
+    (vocab_size, bos_id, eos_id)."""
     os.makedirs(folder, exist_ok=True)
     vocab = write_tokenizer(os.path.join(folder, "tokenizer"))
-    configs = component_configs(size, vocab=vocab, unet_overrides=unet_overrides,
-                                scheduler_overrides=scheduler_overrides)
     _write_json(os.path.join(folder, "model_index.json"), _MODEL_INDEX)
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), configs["scheduler"])
-    for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")):
-        _write_json(os.path.join(folder, name, "config.json"), configs[name])
-        # one component at a time, as numpy arrays on the host (sd15's UNet: 3.4 GB, plus its state dict)
-        _, out = _build(size, seed, jnp.float32, (name,), unet_overrides, scheduler_overrides, vocab, "xla",
-                        jnp.float32, put=lambda a: a)
-        params = out.pop(f"{name}_params")
-        path = os.path.join(folder, name, f"{stem}.safetensors")
-        if name == "text_encoder":  # the SD 1.5 repo's key names (transformers 4 needs the prefix; 5 accepts it)
-            state = {f"text_model.{k}": v for k, v in dw.params_to_state_dict(params).items()}
-            save_file(state, path, metadata={"format": "pt"})
-            del state
-        else:
-            dw.save_safetensors_params(params, path)
-        del params, out
-    return folder
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_config)
+    return vocab
 
 
 # ------------------------------------------------------------------------------------------------ CLI

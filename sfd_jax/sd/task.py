@@ -65,8 +65,8 @@ def validate_sd_config(config) -> None:
     if float(t.ema_halflife_kimg) < 0:
         raise UsageError("training.ema_halflife_kimg must be >= 0 (0 = no EMA)")
     res = int(config.sd.resolution)
-    if res < 8 or res % 8:
-        raise UsageError(f"sd.resolution must be a positive multiple of 8, got {res}")
+    if res < 1:   # the model's own multiple (VAE factor x UNet levels) is checked once it is loaded
+        raise UsageError(f"sd.resolution must be a positive number of pixels, got {res}")
     if not p.remain:
         raise UsageError("prompts.remain is required: a caption file (one prompt per line) or a folder with "
                          "aesthetics_6_plus.txt (LAION-Aesthetics 6+ captions, see the README)")

@@ -1,0 +1,52 @@
+"""``python -m sfd_jax.demo --task=sd --fast``: every stage shrunk to seconds, every output file checked, stages
+reused on a second run with another concept pair."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+MOD = "sfd_jax.demo"
+FILES = ("report.md", "report.json", "samples_teacher.npz", "samples_student.npz", "samples_generator.npz",
+         "grid_real.png", "grid_teacher.png", "grid_student.png", "grid_generator.png")
+
+
+@pytest.mark.slow
+def test_fast_sd_demo_writes_every_output_and_reuses_stages(tmp_path):
+    from PIL import Image
+    wd = tmp_path / "demo"
+    first = run_cli(MOD, "--task=sd", "--fast", f"--workdir={wd}", "--forget=three", "--override=eight", check=True)
+    for name in FILES:
+        assert (wd / name).is_file(), name
+    report = json.loads((wd / "report.json").read_text())
+    assert report["fast"] is True and report["forget"] == "three" and report["override"] == "eight"
+    assert set(report["per_concept"]) == set(report["class_names"]) and len(report["class_names"]) == 10
+    for v in report["per_concept"].values():
+        assert set(v) == {"teacher", "student", "generator"} and all(0 <= x <= 1 for x in v.values())
+    assert set(report["targets"]) == {"forgotten_rate", "override_rate", "others_kept_ratio"}
+    assert np.isfinite(report["world"]["vae"]["held_out_mse"])
+    for name in ("samples_teacher", "samples_student", "samples_generator"):
+        with np.load(wd / f"{name}.npz") as z:
+            assert z["images"].dtype == np.uint8 and z["images"].shape == (40, 8, 8, 1), name
+            np.testing.assert_array_equal(z["labels"], np.repeat(np.arange(10), 4))
+    assert Image.open(wd / "grid_generator.png").size[1] > Image.open(wd / "grid_generator.png").size[0]
+    md = (wd / "report.md").read_text()
+    assert 'forgetting "three" (override "eight")' in md and "| concept | teacher | student |" in md
+    stages = report["timings_s"]["stages"]
+    assert {"world", "teacher", "export", "student", "forget_three_to_eight", "classifier"} <= set(stages)
+
+    second = run_cli(MOD, "--task=sd", "--fast", f"--workdir={wd}", "--forget=one", check=True)
+    again = json.loads((wd / "report.json").read_text())["timings_s"]["stages"]
+    for stage in ("world", "teacher", "student", "classifier", "samples_teacher", "samples_student"):
+        assert again[stage]["reused"], stage
+    assert not again["forget_one_to_two"]["reused"]
+    assert "reusing" in first.stdout + second.stdout
+
+
+def test_bad_sd_concept_is_one_line(tmp_path):
+    proc = run_cli(MOD, "--task=sd", f"--workdir={tmp_path / 'd'}", "--forget=eleven")
+    assert proc.returncode != 0
+    assert "--forget 'eleven' is not a class name" in proc.stderr.strip().splitlines()[-1]
