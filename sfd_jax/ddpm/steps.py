@@ -78,6 +78,20 @@ def fuse(remain: Part, forget: Part) -> Part:
     return Part(*(jnp.concatenate([a, b]) for a, b in zip(remain[:4], forget[:4])), drop)
 
 
+def weighted_update(params, opt_state, tx: optax.GradientTransformation, part_losses: Callable,
+                    remain_coef: float, forget_coef: float, prefix: str):
+    """One optimizer step on ``remain_coef·l_r + forget_coef·l_f`` with ``(l_r, l_f) = part_losses(params)``.
+    Returns (params, opt_state, metrics ``{prefix}_remain_loss``, ``{prefix}_forget_loss``, ``{prefix}_total``)."""
+    def loss(p):
+        l_r, l_f = part_losses(p)
+        return remain_coef * l_r + forget_coef * l_f, (l_r, l_f)
+
+    (total, (l_r, l_f)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {f"{prefix}_remain_loss": l_r, f"{prefix}_forget_loss": l_f, f"{prefix}_total": total}
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
 def make_generator(model, alphas_cumprod, t_init: int) -> Callable:
     """``gen(params, labels [B], z [B,H,W,C], train, rng) -> x0`` the one-step generator map (cond_scale 0)."""
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
@@ -191,14 +205,7 @@ class SFDStep:
                 eps_f = self.eps(p, forget.labels, train=True, rng=keys.dropout_forget)
                 return l_r, denoising_loss(eps_f, x0_f, forget.timesteps, forget.noise, ac).mean()
 
-        def loss(p):
-            l_r, l_f = part_losses(p)
-            return self.sg_r * l_r + self.sg_f * l_f, (l_r, l_f)
-
-        (total, (l_r, l_f)), grads = jax.value_and_grad(loss, has_aux=True)(state.fake_score)
-        updates, sg_opt = self.sg_tx.update(grads, state.sg_opt, state.fake_score)
-        metrics = dict(sg_remain_loss=l_r, sg_forget_loss=l_f, sg_total=total)
-        return optax.apply_updates(state.fake_score, updates), sg_opt, metrics
+        return weighted_update(state.fake_score, state.sg_opt, self.sg_tx, part_losses, self.sg_r, self.sg_f, "sg")
 
     def generator_update(self, state: SFDState, fake_score, teacher, keys: GeneratorKeys, c):
         """B. -> (generator, g_opt, metrics): SiD loss of the generator against the teacher and ``fake_score``."""
@@ -233,14 +240,7 @@ class SFDStep:
                 x0_f = gen(p, forget.labels, forget.latents, True, keys.dropout_forget)
                 return l_r, sid(forget_teacher(), eps(fake, forget.labels), x0_f, forget.timesteps, forget.noise).mean()
 
-        def loss(p):
-            l_r, l_f = part_losses(p)
-            return self.g_r * l_r + self.g_f * l_f, (l_r, l_f)
-
-        (total, (l_r, l_f)), grads = jax.value_and_grad(loss, has_aux=True)(state.generator)
-        updates, g_opt = self.g_tx.update(grads, state.g_opt, state.generator)
-        metrics = dict(g_remain_loss=l_r, g_forget_loss=l_f, g_total=total)
-        return optax.apply_updates(state.generator, updates), g_opt, metrics
+        return weighted_update(state.generator, state.g_opt, self.g_tx, part_losses, self.g_r, self.g_f, "g")
 
     def __call__(self, state: SFDState, teacher, root_key):
         label_key, fake_score_keys, generator_keys = sfd_step_keys(root_key, state.step)
