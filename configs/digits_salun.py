@@ -1,6 +1,5 @@
 """SalUn on 8x8 digits from the demo's teacher (``configs/digits_pretrain.py``): ``configs/digits_salun.py:mask``
 then ``configs/digits_salun.py``. Deviations from cifar10_salun.py, for minutes on 2 CPU cores:
-  * start from the teacher's EMA weights (the raw weights of a 1,000-step run at lr 2e-3 are noisier).
   * SET LATER
 """
 from sfd_jax.ddpm.baselines.config import salun_config
@@ -11,7 +10,6 @@ def get_config(variant: str = "salun"):
     if variant not in ("salun", "mask"):
         raise ValueError(f"variant must be 'mask' or 'salun', got {variant!r}")
     c = salun_config(mask=variant == "mask", c=sibling_config(__file__, "digits_pretrain"))
-    c.unlearn.init_from_ema = True
     c.unlearn.forget_batch_size = 32
     c.training.n_iters, c.training.batch_size = 200, 64
     c.training.snapshot_freq, c.training.log_freq = 100, 25

@@ -1,6 +1,7 @@
 r"""The end-to-end demo: SFD on scikit-learn's 8x8 digits, offline, in minutes on a CPU.
 
   python -m sfd_jax.demo [--workdir=demo_out] [--forget=0]
+  python -m sfd_jax.demo --methods=sfd,retrain,sa,salun,esd [--forget=0]   # the leaderboard (sfd_jax.ddpm.leaderboard)
   python -m sfd_jax.demo --task=sd [--data=NPZ --class_names=FILE --templates=FILE] [--forget=NAME --override=NAME]
       # text-to-image: a world trained here, its one-step student, SFD forgetting a concept (sfd_jax.sd.demo)
 
@@ -41,6 +42,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("override", None, "--task=sd: the override concept (default: the class after --forget).")
     flags.DEFINE_bool("fast", False, "Testing aid: shrink every stage to seconds (meaningless numbers).")
     flags.DEFINE_bool("progress", True, "Progress bars for classifier training and sampling.")
+    flags.DEFINE_string("methods", "", "Leaderboard: comma-separated methods among sfd,retrain,sa,salun,esd, run on one "
+                        "teacher and one classifier (sfd_jax.ddpm.leaderboard); empty: the SFD demo alone.")
 
 
 def main(argv):
@@ -58,7 +61,12 @@ def main(argv):
         raise UsageError(f"--forget must be a digit 0..9, got {FLAGS.forget!r}")
     forget = 0 if FLAGS.forget is None else int(FLAGS.forget)
     from sfd_jax.ddpm.demo import run_demo
-    run_demo(FLAGS.workdir, forget, fast=FLAGS.fast, progress=FLAGS.progress)
+    if FLAGS.methods:
+        from sfd_jax.ddpm.leaderboard import parse_methods, run_leaderboard
+        run_leaderboard(FLAGS.workdir, forget, parse_methods(FLAGS.methods), fast=FLAGS.fast,
+                        progress=FLAGS.progress)
+    else:
+        run_demo(FLAGS.workdir, forget, fast=FLAGS.fast, progress=FLAGS.progress)
 
 
 def cli():

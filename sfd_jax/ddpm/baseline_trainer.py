@@ -4,8 +4,8 @@
 Networks train in a :class:`PretrainState` (items ``model``, ``ema``, ``opt``), so ``sample`` and ``evaluate`` read
 a baseline's checkpoint as they read a pretrained DDPM (multi-step DDIM, guidance by ``--cond_scale``). The frozen
 copy (Selective Amnesia's θ*, ESD's θ₀) is re-read from ``init_checkpoint`` on every start, never checkpointed.
-The artifact modes accumulate in an :class:`AccumState` (item ``acc``) over a fixed pass of samples — one
-checkpointable unit of work per step, resumed exactly — and write their artifact when the pass is complete:
+The artifact modes accumulate in an :class:`AccumState` (item ``acc``; the Fisher pass's :class:`FisherState` adds
+``partial``) over a fixed pass of samples — one checkpointable unit of work per step, resumed exactly — and write their artifact when the pass is complete:
 ``sa_fim`` -> ``WORKDIR/replay.npz`` (before the pass) and ``WORKDIR/fisher.npz``; ``salun_mask`` ->
 ``WORKDIR/mask.npz``.
 """
@@ -22,8 +22,8 @@ from sfd_jax import parallel
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.data import device_put_fn, prefetch
 from sfd_jax.ddpm.baselines import ARTIFACT_MODES, BASELINE_MODES
-from sfd_jax.ddpm.baselines.common import (AccumState, forget_label, load_tree, remain_classes, resolve_artifact,
-                                           save_tree)
+from sfd_jax.ddpm.baselines.common import (AccumState, FisherState, forget_label, load_tree, remain_classes,
+                                           resolve_artifact, save_tree)
 from sfd_jax.ddpm.trainer import Trainer
 from sfd_jax.distill.loop import LoopTask, StepSchedule, run_loop
 from sfd_jax.distill.run_dir import with_shardings
@@ -129,10 +129,11 @@ class BaselineTrainer(Trainer):
             raise UsageError(f"init_checkpoint {c.init_checkpoint} holds no {name!r} weights")
         return nets[name], nets.get("ema", nets[name])
 
-    def _restore(self, abstract, sh, kind: str):
+    def _restore(self, abstract, sh):
         targets = {k: with_shardings(v, s) for (k, v), s in zip(_items(abstract).items(), _items(sh).values())}
         step, items = self.restore_newest(targets)
-        state = (AccumState(step=jnp.int32(step), acc=items["acc"]) if kind == "accum"
+        cls = type(abstract)
+        state = (cls(jnp.int32(step), *[items[k] for k in cls.ITEMS]) if cls in (AccumState, FisherState)
                  else state_from_items("pretrain", step, items))
         logging.info("resumed from step %d", step)
         return state.replace(step=jax.device_put(jnp.int32(step), self.repl))
@@ -147,18 +148,20 @@ class BaselineTrainer(Trainer):
         step0 = jax.device_put(jnp.int32(0), self.repl)
         resume = self.latest_step()
         if self.mode in ARTIFACT_MODES:
-            sh = AccumState(step=self.repl, acc=p_sh)
+            cls = FisherState if self.mode == "sa_fim" else AccumState
+            n = len(cls.ITEMS)
+            sh = cls(self.repl, *[p_sh] * n)
             if resume is not None:
-                return self._restore(AccumState(jax.ShapeDtypeStruct((), jnp.int32), shapes), sh, "accum"), sh, frozen, ()
-            zeros = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p), out_shardings=p_sh)(frozen)
-            return AccumState(step=step0, acc=zeros), sh, frozen, ()
+                return self._restore(cls(jax.ShapeDtypeStruct((), jnp.int32), *[shapes] * n), sh), sh, frozen, ()
+            zeros = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p), out_shardings=p_sh)
+            return cls(step0, *[zeros(frozen) for _ in range(n)]), sh, frozen, ()
         tx = make_optimizer(self.config.optim, "global_norm")
         opt_abs = jax.eval_shape(tx.init, shapes)
         sh = PretrainState(step=self.repl, params=p_sh, ema=p_sh,
                            opt=parallel.state_shardings(opt_abs, self.mesh, self.min_size))
         if resume is not None:
             abstract = PretrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=shapes, ema=shapes, opt=opt_abs)
-            return self._restore(abstract, sh, "pretrain"), sh, frozen, (tx,)
+            return self._restore(abstract, sh), sh, frozen, (tx,)
         params = self._put(start, p_sh)
         opt, _ = self._opt_init(tx, params, p_sh)
         return PretrainState(step=step0, params=params, ema=self._put(ema0, p_sh), opt=opt), sh, frozen, (tx,)
@@ -218,8 +221,9 @@ class BaselineTrainer(Trainer):
             return state
 
     def _images_per_step(self) -> int:
-        if self.mode == "sa_fim":
-            return int(self.config.unlearn.fisher_samples_per_step)
+        if self.mode == "sa_fim":   # timesteps (single-image passes) per step
+            from sfd_jax.ddpm.baselines.sa import fisher_timesteps
+            return int(fisher_timesteps(self.config)[0].shape[1])
         return int(self.config.training.batch_size)
 
     def _feed(self, inputs, frozen, start: int):
@@ -239,17 +243,15 @@ class BaselineTrainer(Trainer):
             imgs, labels = (jax.device_put(a, self.repl) for a in inputs["replay"])
             return (lambda i: (frozen, fisher, imgs, labels)), total, close
         if self.mode == "sa_fim":
+            from sfd_jax.data import to_model_space
+            from sfd_jax.ddpm.baselines.sa import fisher_timesteps
             imgs, labels = inputs["replay"]
             n = int(c.unlearn.fisher_n_samples) or len(imgs)
-            S = int(c.unlearn.fisher_samples_per_step)
-            x = _pad(np.asarray(imgs[:n]), S)
-            lab, w = _pad(labels[:n], S), _pad(np.ones(n, np.float32), S)
-
-            def feed(i):
-                sl = slice(i * S, (i + 1) * S)
-                from sfd_jax.data import to_model_space
-                return (frozen,) + tuple(jax.device_put(a, self.repl) for a in (to_model_space(x[sl]), lab[sl], w[sl]))
-            return feed, -(-n // S), close
+            n_chunks = int(fisher_timesteps(c)[0].shape[0])
+            x = jax.device_put(to_model_space(np.asarray(imgs[:n])), self.repl)
+            lab = jax.device_put(np.asarray(labels[:n], np.int32), self.repl)
+            one = jax.device_put(np.float32(1.0), self.repl)
+            return (lambda i: (frozen, x[i // n_chunks], lab[i // n_chunks], one)), n * n_chunks, close
         ds = inputs["dataset"]
         forget_idx = np.flatnonzero(ds.labels == self.forget)
         if self.mode == "salun_mask":
@@ -311,7 +313,9 @@ class BaselineTrainer(Trainer):
 
 
 def _items(state) -> dict:
-    return {"acc": state.acc} if isinstance(state, AccumState) else state_items(state)
+    if isinstance(state, (AccumState, FisherState)):
+        return {k: getattr(state, k) for k in type(state).ITEMS}
+    return state_items(state)
 
 
 def _pad(a: np.ndarray, multiple: int) -> np.ndarray:

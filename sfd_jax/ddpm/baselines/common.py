@@ -23,6 +23,17 @@ class AccumState:
     ITEMS = ("acc",)
 
 
+@struct.dataclass
+class FisherState:
+    """The Fisher pass: ``acc`` = Σ weight·g² over finished samples, ``partial`` = the current sample's gradient
+    over its finished chunks (both in the parameters' tree, float32)."""
+    step: jax.Array
+    acc: object
+    partial: object
+
+    ITEMS = ("acc", "partial")
+
+
 def apply_gradients(state: PretrainState, grads, tx: optax.GradientTransformation, ema_rate: float) -> PretrainState:
     """One optimizer step (clipping is part of ``tx``) and the EMA, after the backward pass."""
     updates, opt = tx.update(grads, state.opt, state.params)

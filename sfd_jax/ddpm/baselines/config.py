@@ -42,8 +42,7 @@ def sa_config(fim: bool = False, c: ml_collections.ConfigDict | None = None) -> 
         fisher_path="",                 # sa: the sa_fim workdir (or its fisher.npz; replay.npz beside it)
         n_replay_per_class=5000, replay_sampler="ddim", replay_steps=1000, replay_eta=1.0, replay_cond_scale=2.0,
         fisher_n_samples=0,             # replay samples the Fisher averages over (0 = all of them)
-        fisher_samples_per_step=4,      # samples per sa_fim step (one checkpointable unit of work)
-        n_chunks=20,                    # timestep chunks per sample (memory: one chunk's batch)
+        n_chunks=20,                    # timestep chunks per sample, one per sa_fim step (memory: one chunk's batch)
         fisher_timestep_stride=1)       # 1 = every t in 0..T-1
     return c
 

@@ -63,6 +63,19 @@ def esd_target(eps_cond: jax.Array, eps_uncond: jax.Array, negative_guidance: fl
     return eps_uncond - negative_guidance * (eps_cond - eps_uncond)
 
 
+def esd_loss(model, params, frozen, x, t, labels, negative_guidance: float, rng=None) -> jax.Array:
+    """mean over all elements of (ε_θ(x, t, c) − ε*)², ε* = :func:`esd_target` of the frozen model (no gradient).
+    x: [B,H,W,C]; t: [B] float; labels: [B]; ``rng``: dropout key of the trainable pass (None: eval mode)."""
+    b = x.shape[0]
+    out = model.apply({"params": jax.lax.stop_gradient(frozen)}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                      jnp.concatenate([labels, labels]),
+                      drop_mask=jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)]))
+    target = jax.lax.stop_gradient(esd_target(out[:b], out[b:], negative_guidance))
+    pred = model.apply({"params": params}, x, t, labels, train=rng is not None,
+                       rngs=None if rng is None else {"dropout": rng})
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+
 def make_esd_step(model, config, alphas_cumprod, tx: optax.GradientTransformation, *, batch_size: int,
                   batch_sharding=None):
     """``step(state: PretrainState, frozen θ₀, root_key) -> (state, metrics)``: the ESD step of the module
@@ -88,14 +101,9 @@ def make_esd_step(model, config, alphas_cumprod, tx: optax.GradientTransformatio
         lo = jnp.round(t_enc * T / S).astype(jnp.int32)
         hi = jnp.round((t_enc + 1) * T / S).astype(jnp.int32)
         t = constrain(jax.random.randint(k_t, (B,), lo, hi)).astype(jnp.float32)
-        out = model.apply({"params": jax.lax.stop_gradient(frozen)}, jnp.concatenate([x, x]),
-                          jnp.concatenate([t, t]), jnp.concatenate([c, c]),
-                          drop_mask=jnp.concatenate([jnp.zeros((B,), bool), jnp.ones((B,), bool)]))
-        target = jax.lax.stop_gradient(esd_target(out[:B], out[B:], ng))
 
         def loss_fn(p):
-            pred = model.apply({"params": p}, x, t, c, train=True, rngs={"dropout": k_do})
-            return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+            return esd_loss(model, p, frozen, x, t, c, ng, rng=k_do)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         new = apply_gradients(state, grads, tx, ema_rate)

@@ -9,7 +9,8 @@ Two modes:
             F = mean over replay samples x of (∇θ Σ_t ℓ(x, t))², ℓ(x, t) = sum_HWC (ε − ε̂(√ā_t x + √(1−ā_t) ε, t, c))²
             with the sum over every timestep t = 0..T−1 (every ``fisher_timestep_stride``-th one, the sum scaled by
             the stride, where a recipe says so), in ``unlearn.n_chunks`` chunks of timesteps so memory stays at one
-            chunk's batch; the network runs in eval mode at the sample's class (:func:`make_fisher_step`).
+            chunk's batch (one chunk per step); the network runs in eval mode at the sample's class
+            (:func:`make_fisher_step`).
 ``sa``      Forgetting (:func:`make_sa_step`): per step, B surrogate images of uniform noise in [−1, 1] labelled
             with the forgotten class and B replay samples of the other classes, antithetic t for each, and
             L = mean_B ℓ(x_noise, K) + γ·mean_B ℓ(x_replay, c) + λ·Σ F·(θ − θ*)²
@@ -30,7 +31,7 @@ import optax
 
 from sfd_jax.data import to_model_space
 from sfd_jax.ddpm import diffusion
-from sfd_jax.ddpm.baselines.common import AccumState, apply_gradients, constrainer, forget_label, tree_sum_sq_diff
+from sfd_jax.ddpm.baselines.common import FisherState, apply_gradients, constrainer, forget_label, tree_sum_sq_diff
 from sfd_jax.ddpm.steps import antithetic_timesteps
 from sfd_jax.distill.losses import denoising_loss
 from sfd_jax.distill.state import PretrainState
@@ -48,48 +49,56 @@ def fisher_timesteps(config) -> tuple[np.ndarray, int]:
     return ts.reshape(n_chunks, -1), stride
 
 
-def make_fisher_step(model, config, alphas_cumprod, *, batch_sharding=None):
-    """``step(state: AccumState, params, images [S,H,W,C] in [-1,1], labels [S], weights [S], root_key)``
-    ``-> (state, metrics)``: adds Σ_s weights[s]·(∇θ Σ_t ℓ(x_s, t))² to ``state.acc``.
-
-    Samples run one after another and timesteps chunk by chunk (a scan each), so memory is one chunk's batch
-    of the network plus two parameter-sized trees; each chunk's batch is split over the mesh. Padding samples
-    carry weight 0. Noise per (sample, chunk) from ``fold_in(fold_in(fold_in(root_key, step), s), chunk)``.
-    """
+def fisher_chunk_grad(model, params, x, label, t, noise, alphas_cumprod, stride: int = 1, constrain=None):
+    """(∇θ Σ_{t in chunk} stride·ℓ(x, t), that sum) for one sample x [H,W,C] of class ``label`` at the chunk's
+    timesteps t [n] with noise [n,H,W,C], as one batch; eval mode, no label dropout."""
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
+    constrain = constrain or (lambda a: a)
+    n = t.shape[0]
+    x_b = constrain(jnp.broadcast_to(x, (n,) + x.shape))
+
+    def loss(p):
+        eps_fn = diffusion.class_conditional_eps_fn(model.apply, p, jnp.full((n,), label, jnp.int32))
+        return stride * denoising_loss(eps_fn, x_b, constrain(t), constrain(noise), ac).sum()
+    val, g = jax.value_and_grad(loss)(params)
+    return g, val
+
+
+def make_fisher_step(model, config, alphas_cumprod, *, batch_sharding=None):
+    """``step(state: FisherState, params, x [H,W,C] in [-1,1], label, weight, root_key) -> (state, metrics)``.
+
+    One step is one chunk of one sample: step k works on sample k // n_chunks, chunk j = k % n_chunks. It adds
+    the chunk's gradient (:func:`fisher_chunk_grad`) to ``state.partial``; after the last chunk it adds
+    weight·partial² to ``state.acc`` and clears ``partial``. Memory is one chunk's batch (split over the mesh) and
+    three parameter-sized trees; every step is a checkpointable unit. (A scan over chunks inside one step computes
+    the same, but XLA:CPU runs gradients inside loops about ten times slower.)"""
     chunks, stride = fisher_timesteps(config)
-    chunks = jnp.asarray(chunks)
+    n_chunks, chunks = int(chunks.shape[0]), jnp.asarray(chunks)
     constrain = constrainer(batch_sharding)
 
-    def sample_grad(params, x, label, key):
-        def chunk_body(g, inp):
-            j, t = inp
-            n = t.shape[0]
-            x_b = constrain(jnp.broadcast_to(x, (n,) + x.shape))
-            noise = constrain(jax.random.normal(jax.random.fold_in(key, j), x_b.shape, jnp.float32))
-
-            def loss(p):
-                eps_fn = diffusion.class_conditional_eps_fn(model.apply, p, jnp.full((n,), label, jnp.int32))
-                return stride * denoising_loss(eps_fn, x_b, constrain(t), noise, ac).sum()
-            val, gj = jax.value_and_grad(loss)(params)
-            return jax.tree_util.tree_map(jnp.add, g, gj), val
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        g, vals = jax.lax.scan(chunk_body, zeros, (jnp.arange(chunks.shape[0]), chunks))
-        return g, vals.sum()
-
-    def step(state: AccumState, params, images, labels, weights, root_key):
-        key = jax.random.fold_in(root_key, state.step)
-
-        def body(acc, inp):
-            s, x, label, w = inp
-            g, total = sample_grad(params, x, label, jax.random.fold_in(key, s))
-            return jax.tree_util.tree_map(lambda a, gi: a + w * jnp.square(gi), acc, g), total
-        acc, totals = jax.lax.scan(body, state.acc, (jnp.arange(images.shape[0]), images, labels, weights))
-        n = jnp.maximum(weights.sum(), 1.0)
-        return (AccumState(step=state.step + 1, acc=acc),
-                {"loss_sum_t": (totals * weights).sum() / n, "samples": weights.sum()})
+    def step(state: FisherState, params, x, label, weight, root_key):
+        j = state.step % n_chunks
+        t = constrain(chunks[j])
+        noise = constrain(jax.random.normal(jax.random.fold_in(root_key, state.step), t.shape + x.shape, jnp.float32))
+        g, total = fisher_chunk_grad(model, params, x, label, t, noise, alphas_cumprod, stride, constrain)
+        partial = jax.tree_util.tree_map(jnp.add, state.partial, g)
+        last = j == n_chunks - 1
+        acc = jax.tree_util.tree_map(lambda a, q: jnp.where(last, a + weight * jnp.square(q), a), state.acc, partial)
+        partial = jax.tree_util.tree_map(lambda q: jnp.where(last, jnp.zeros_like(q), q), partial)
+        return FisherState(step=state.step + 1, acc=acc, partial=partial), {"chunk_loss": total}
 
     return step
+
+
+def sa_loss(model, params, anchor, fisher, x, labels, t, noise, alphas_cumprod, *, n_forget: int, gamma: float,
+            lmbda: float, train: bool = False, rng=None):
+    """(L, (L_forget, L_replay, EWC)): L = mean ℓ over the first ``n_forget`` samples (the surrogates) + γ·mean ℓ
+    over the rest (the replay) + λ·Σ F·(θ − θ*)². x, noise: [B,H,W,C]; labels, t: [B]; one network call."""
+    eps_fn = diffusion.class_conditional_eps_fn(model.apply, params, labels, train=train, rng=rng)
+    per = denoising_loss(eps_fn, x, t, noise, alphas_cumprod)
+    l_f, l_r = per[:n_forget].mean(), per[n_forget:].mean()
+    ewc = tree_sum_sq_diff(fisher, params, anchor)
+    return l_f + gamma * l_r + lmbda * ewc, (l_f, l_r, ewc)
 
 
 def make_sa_step(model, config, alphas_cumprod, tx: optax.GradientTransformation, *, batch_size: int,
@@ -120,11 +129,8 @@ def make_sa_step(model, config, alphas_cumprod, tx: optax.GradientTransformation
                              constrain(jax.random.normal(k_er, shape, jnp.float32))])
 
         def loss_fn(p):
-            eps_fn = diffusion.class_conditional_eps_fn(model.apply, p, labels, train=True, rng=k_do)
-            per = denoising_loss(eps_fn, x, t, e, ac)
-            l_f, l_r = per[:B].mean(), per[B:].mean()
-            ewc = tree_sum_sq_diff(fisher, p, anchor)
-            return l_f + gamma * l_r + lmbda * ewc, (l_f, l_r, ewc)
+            return sa_loss(model, p, anchor, fisher, x, labels, t, e, ac, n_forget=B, gamma=gamma, lmbda=lmbda,
+                           train=True, rng=k_do)
 
         (loss, (l_f, l_r, ewc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new = apply_gradients(state, grads, tx, ema_rate)

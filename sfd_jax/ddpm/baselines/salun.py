@@ -83,6 +83,28 @@ def saliency_mask(grad_sum, ratio: float):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def salun_loss(model, params, b: dict, alphas_cumprod, *, alpha: float, method: str, pseudo: int, rngs=None):
+    """(L, (L_forget, L_remain)) of the module docstring for explicit inputs ``b``: remain images ``rx``
+    [B,H,W,C], labels ``rc``, timesteps ``t_r``, noise ``e_r``, null-class mask ``d_r``; the same ``f*`` for the
+    forget images. ``rngs``: two dropout keys (None: eval mode)."""
+    train = rngs is not None
+
+    def eps(p, labels, drop, rng):
+        return diffusion.class_conditional_eps_fn(model.apply, p, labels, drop_mask=drop, train=train, rng=rng)
+    k_r, k_f = (None, None) if rngs is None else rngs
+    l_r = denoising_loss(eps(params, b["rc"], b["d_r"], k_r), b["rx"], b["t_r"], b["e_r"], alphas_cumprod).mean()
+    if method == "ga":
+        l_f = -denoising_loss(eps(params, b["fc"], b["d_f"], k_f), b["fx"], b["t_f"], b["e_f"], alphas_cumprod).mean()
+    else:
+        x_t = diffusion.add_noise(b["fx"], b["t_f"], b["e_f"], jnp.asarray(alphas_cumprod, jnp.float32))
+        tf = b["t_f"].astype(jnp.float32)
+        k_a, k_b = (None, None) if k_f is None else jax.random.split(k_f)
+        pred = eps(params, b["fc"], b["d_f"], k_a)(x_t, tf)
+        target = jax.lax.stop_gradient(eps(params, jnp.full_like(b["fc"], pseudo), b["d_f"], k_b)(x_t, tf))
+        l_f = jnp.sum(jnp.square(pred - target), axis=(1, 2, 3)).mean()
+    return l_f + alpha * l_r, (l_f, l_r)
+
+
 def make_salun_step(model, config, alphas_cumprod, tx: optax.GradientTransformation, *, batch_sharding=None):
     """``step(state: PretrainState, mask, remain_images [B,H,W,C], remain_labels [B], forget_images [B',H,W,C],
     forget_labels [B'], root_key) -> (state, metrics)``: the SalUn loss of the module docstring."""
@@ -104,21 +126,10 @@ def make_salun_step(model, config, alphas_cumprod, tx: optax.GradientTransformat
         d_r = constrain(jax.random.uniform(ks[4], (Br,)) < drop_prob)
         d_f = constrain(jax.random.uniform(ks[5], (Bf,)) < drop_prob)
 
-        def eps(p, labels, drop, rng):
-            return diffusion.class_conditional_eps_fn(model.apply, p, labels, drop_mask=drop, train=True, rng=rng)
+        batch = dict(rx=rx, rc=rc, t_r=t_r, e_r=e_r, d_r=d_r, fx=fx, fc=fc, t_f=t_f, e_f=e_f, d_f=d_f)
 
         def loss_fn(p):
-            l_r = denoising_loss(eps(p, rc, d_r, ks[6]), rx, t_r, e_r, ac).mean()
-            if method == "ga":
-                l_f = -denoising_loss(eps(p, fc, d_f, ks[7]), fx, t_f, e_f, ac).mean()
-            else:
-                x_t = diffusion.add_noise(fx, t_f, e_f, ac)
-                tf = t_f.astype(jnp.float32)
-                k_a, k_b = jax.random.split(ks[7])
-                pred = eps(p, fc, d_f, k_a)(x_t, tf)
-                target = jax.lax.stop_gradient(eps(p, jnp.full_like(fc, pseudo), d_f, k_b)(x_t, tf))
-                l_f = jnp.sum(jnp.square(pred - target), axis=(1, 2, 3)).mean()
-            return l_f + alpha * l_r, (l_f, l_r)
+            return salun_loss(model, p, batch, ac, alpha=alpha, method=method, pseudo=pseudo, rngs=ks[6:8])
 
         (loss, (l_f, l_r)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
