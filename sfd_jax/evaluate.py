@@ -130,40 +130,24 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- forgetting
 def _sample_from_checkpoint(clf_n_classes: int):
-    from sfd_jax import parallel
-    from sfd_jax.ddpm import diffusion
-    from sfd_jax.ddpm.networks import load_network, t_init_of
-    from sfd_jax.ddpm.generate import DDPMSampler, generate
+    from sfd_jax.ddpm.sampling import CheckpointSampler
     from sfd_jax.image_io import to_uint8
-    from sfd_jax.models.ddpm_unet import ConditionalUNet
 
-    mesh = parallel.make_mesh()
-    net = load_network(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights,
-                       sharding=parallel.replicated(mesh))
-    config = net.config
-    n_classes = int(config.data.n_classes)
+    sampler = CheckpointSampler(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights, sampler=FLAGS.sampler,
+                                steps=FLAGS.steps, cond_scale=FLAGS.cond_scale)
+    net, config, n_classes = sampler.network, sampler.config, sampler.n_classes
     if n_classes != clf_n_classes:
         raise UsageError(f"the classifier has {clf_n_classes} classes but the generator {FLAGS.checkpoint} has "
                          f"{n_classes}")
-    sampler_name = FLAGS.sampler
-    if sampler_name == "auto":
-        sampler_name = "one_step" if net.kind == "distilled" else "ddim"
-    if FLAGS.n_per_class < 1:
-        raise UsageError(f"--n_per_class must be >= 1, got {FLAGS.n_per_class}")
     labels = np.repeat(np.asarray(parse_classes(FLAGS.classes, n_classes), np.int64), FLAGS.n_per_class)
-    shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
-    _, ac = diffusion.schedule_from_config(config)
-    sampler = DDPMSampler(ConditionalUNet.from_config(config), ac, sampler=sampler_name, t_init=t_init_of(config),
-                          steps=FLAGS.steps, cond_scale=FLAGS.cond_scale, mesh=mesh)
-    images = generate(sampler, net.params, labels, image_shape=shape, batch_size=FLAGS.batch, seed=FLAGS.seed,
-                      progress=FLAGS.progress)
+    images = sampler.sample(labels, batch_size=FLAGS.batch, seed=FLAGS.seed, progress=FLAGS.progress)
     bad = ~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(-1)
     if bad.any():
         raise UsageError(f"the generator of {FLAGS.checkpoint} produced NaN/inf in {int(bad.sum())} of {len(images)} "
                          "images; refusing to score them")
     forget = config.get("distill", {}).get("label_to_forget", None) if "distill" in config else None
     info = {"checkpoint": os.fspath(FLAGS.checkpoint), "network": net.name, "step": net.step,
-            "sampler": sampler_name, "seed": FLAGS.seed, "n_per_class": FLAGS.n_per_class}
+            "sampler": sampler.sampler_name, "seed": FLAGS.seed, "n_per_class": FLAGS.n_per_class}
     return to_uint8(images), labels, forget, info
 
 

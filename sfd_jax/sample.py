@@ -149,12 +149,8 @@ def main(argv):
         raise UsageError("--checkpoint is required")
     if not FLAGS.out:
         raise UsageError("--out is required (X.npz or a directory)")
-    if FLAGS.sampler not in ("auto", "one_step", "ddim", "ddpm"):
-        raise UsageError(f"unknown sampler {FLAGS.sampler!r}; expected one_step, ddim, ddpm or auto")
-    if FLAGS.skip not in ("uniform", "quad"):
-        raise UsageError(f"unknown --skip {FLAGS.skip!r}; expected uniform or quad")
-    if FLAGS.weights not in ("ema", "raw"):
-        raise UsageError(f"--weights must be ema or raw, got {FLAGS.weights!r}")
+    from sfd_jax.ddpm.sampling import check_sampler_settings
+    check_sampler_settings(FLAGS.sampler, FLAGS.skip, FLAGS.weights)
     check_positive(batch=FLAGS.batch, n_per_class=FLAGS.n_per_class, steps=FLAGS.steps)
     check_input_path(FLAGS.checkpoint, "--checkpoint")
     check_output_path(FLAGS.out, "--out", directory=not FLAGS.out.endswith(".npz"))
@@ -162,34 +158,15 @@ def main(argv):
     if FLAGS.prompt is not None or _is_sd_checkpoint(FLAGS.checkpoint):
         return _sample_sd()
     replay_labels, replay_noise = _read_replay_files()
-    # Heavy imports after the cheap checks.
-    from sfd_jax import parallel
-    from sfd_jax.ddpm import diffusion
-    from sfd_jax.ddpm.networks import load_network, t_init_of
-    from sfd_jax.ddpm.generate import DDPMSampler, generate
-    from sfd_jax.models.ddpm_unet import ConditionalUNet
+    from sfd_jax.ddpm.sampling import CheckpointSampler    # heavy imports after the cheap checks
 
-    mesh = parallel.make_mesh()
-    net = load_network(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights,
-                       sharding=parallel.replicated(mesh))
-    config = net.config
-    sampler_name = FLAGS.sampler
-    if sampler_name == "auto":
-        sampler_name = "one_step" if net.kind == "distilled" else "ddim"
-    if sampler_name != "one_step" and not 1 <= FLAGS.steps <= config.diffusion.num_diffusion_timesteps:
-        raise UsageError(f"--steps must be in [1, {config.diffusion.num_diffusion_timesteps}], got {FLAGS.steps}")
-    image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
-    labels, noise = _labels_and_noise(config.data.n_classes, image_shape, replay_labels, replay_noise)
-
-    _, alphas_cumprod = diffusion.schedule_from_config(config)
-    sampler = DDPMSampler(ConditionalUNet.from_config(config), alphas_cumprod, sampler=sampler_name,
-                          t_init=t_init_of(config), steps=FLAGS.steps, skip=FLAGS.skip, eta=FLAGS.eta,
-                          cond_scale=FLAGS.cond_scale, mesh=mesh)
-    batch = FLAGS.batch or config.sampling.batch_size
-    images = generate(sampler, net.params, labels, image_shape=image_shape, batch_size=batch, seed=FLAGS.seed,
-                      noise=noise, progress=FLAGS.progress)
+    sampler = CheckpointSampler(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights, sampler=FLAGS.sampler,
+                                steps=FLAGS.steps, skip=FLAGS.skip, eta=FLAGS.eta, cond_scale=FLAGS.cond_scale)
+    labels, noise = _labels_and_noise(sampler.n_classes, sampler.image_shape, replay_labels, replay_noise)
+    images = sampler.sample(labels, batch_size=FLAGS.batch, seed=FLAGS.seed, noise=noise, progress=FLAGS.progress)
+    net = sampler.network
     written = write_outputs(FLAGS.out, images, labels)
-    print(f"sampled {len(labels)} images with {sampler_name} from {net.name} of {net.source}; "
+    print(f"sampled {len(labels)} images with {sampler.sampler_name} from {net.name} of {net.source}; "
           f"wrote {written[0] if len(written) == 1 else f'{len(written)} files to {FLAGS.out}'}")
 
 
