@@ -295,6 +295,9 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
 
     t_start = time.perf_counter()
     s = FAST if fast else SDDemoSettings()
+    import jax
+    if not jax.config.jax_compilation_cache_dir:   # a rerun (another concept pair) compiles nothing again
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
     try:
         train = load_world_data(data, class_names, templates, split="train")
         held = load_world_data(data, class_names, templates, split="test").dataset if data in ("digits",
