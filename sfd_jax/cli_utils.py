@@ -1,7 +1,9 @@
-"""Shared command-line plumbing: one-line errors with a non-zero exit, up-front checks of inputs and outputs."""
+"""Shared command-line plumbing: one-line errors with a non-zero exit, up-front checks of inputs and outputs, the
+flags several commands share (defined once here, listed by each command's ``--help``)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from typing import Callable
@@ -165,3 +167,65 @@ def parse_classes(text: str, n_classes: int) -> list[int]:
     if bad:
         raise UsageError(f"--classes: class {bad[0]} is outside [0, {n_classes})")
     return [c for c in range(n_classes) if c not in values] if all(excluded) else values
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` (parent folders created); nothing when ``path`` is
+    empty."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+# -------------------------------------------------------------------------------------- shared flag definitions
+def _shared_flag(define: Callable, name: str, *args, **kwargs) -> None:
+    """``define(name, *args)`` unless ``--name`` exists, and list it in the running command's ``--help`` (absl
+    lists the key flags of the main module, ``sys.argv[0]``; a flag defined here would otherwise be this module's)."""
+    from absl import flags
+    if name not in flags.FLAGS:
+        define(name, *args, **kwargs)
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+
+def define_progress_flag() -> None:
+    from absl import flags
+    _shared_flag(flags.DEFINE_bool, "progress", True, "Show progress bars.")
+
+
+def define_seed_flag(help_text: str = "Random seed.", default: int = 1234) -> None:
+    from absl import flags
+    _shared_flag(flags.DEFINE_integer, "seed", default, help_text)
+
+
+def define_recipe_config_flag(help_text: str) -> None:
+    """``--config=configs/<recipe>.py`` with ``--config.x.y=...`` overrides (unlocked)."""
+    from ml_collections import config_flags
+    _shared_flag(config_flags.DEFINE_config_file, "config", None, help_text, lock_config=False)
+
+
+def define_ddpm_sampling_flags() -> None:
+    """The flags of :class:`sfd_jax.ddpm.sampling.CheckpointSampler` (read back by :func:`ddpm_sampling_settings`):
+    --checkpoint's network (--weights) and how it is sampled (--sampler, --steps, --eta, --skip, --cond_scale)."""
+    from absl import flags
+    _shared_flag(flags.DEFINE_string, "sampler", "auto",
+                 "one_step | ddim | ddpm | auto (one_step for distilled checkpoints, else ddim).")
+    _shared_flag(flags.DEFINE_integer, "steps", 100,
+                 "Sampling steps for ddim/ddpm (the original's --timesteps, default 1000 there).")
+    _shared_flag(flags.DEFINE_float, "eta", 0.0, "DDIM stochasticity (0: deterministic DDIM; 1: the original's "
+                 "default).")
+    _shared_flag(flags.DEFINE_string, "skip", "uniform", "Timestep spacing for ddim/ddpm: uniform | quad.")
+    _shared_flag(flags.DEFINE_float, "cond_scale", 0.0,
+                 "Guidance s: eps = (1+s)*cond - s*uncond (0: none; the original's default is 2).")
+    _shared_flag(flags.DEFINE_string, "weights", "ema", "ema | raw: the EMA or raw weights of the generator (or "
+                 "model).")
+
+
+def ddpm_sampling_settings() -> dict:
+    """Keyword arguments of :class:`sfd_jax.ddpm.sampling.CheckpointSampler` from the flags of
+    :func:`define_ddpm_sampling_flags` and ``--config``."""
+    from absl import flags
+    f = flags.FLAGS
+    return dict(config=f.config, weights=f.weights, sampler=f.sampler, steps=f.steps, skip=f.skip, eta=f.eta,
+                cond_scale=f.cond_scale)

@@ -11,6 +11,8 @@ prompt images of a distilled Stable Diffusion generator and NudeNet counts.
       [--model=SD_PIPELINE] [--init_timestep=625] [--steps=1] [--batch=64] [--weights=ema] [--format=png]
   python -m sfd_jax.evaluate nudity DIR [--recursive] [--threshold=0.6] [--out=nudity.json]
 
+Each subcommand has its own flags (``python -m sfd_jax.evaluate SUBCOMMAND --help`` lists them; a flag of another
+subcommand is an error).
 ``forgetting`` samples on the fly from ``--checkpoint`` (our Orbax checkpoint or an original ``.pth`` with
 ``--config``; the one-step generator for distilled checkpoints) or reads ``--samples`` (PNG folder named
 ``{class:03d}_*.png`` or an npz with ``images`` and ``labels``). ``--classifier`` is a directory written by
@@ -23,147 +25,76 @@ nudenet_evaluator.py; needs ``pip install nudenet``; see :mod:`sfd_jax.eval.nudi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import sys
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from sfd_jax.cli_utils import (UsageError, check_input_file, check_input_path, check_output_path, check_positive,
-                               parse_classes, run)
+                               ddpm_sampling_settings, define_ddpm_sampling_flags, define_progress_flag,
+                               define_recipe_config_flag, define_seed_flag, parse_classes, run, write_json)
 
-SUBCOMMANDS = ("forgetting", "train-classifier", "fid", "prompts", "nudity")
+FLAGS = flags.FLAGS
 INCEPTION_HELP = ("download pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release "
                   "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                   "pt_inception-2015-12-05-6726825d.pth and pass --inception=PATH")
 
-config_flags.DEFINE_config_file("config", None, "forgetting: recipe config for an original .pth checkpoint "
-                                "(replaces the config stored in our checkpoints).", lock_config=False)
-# forgetting
-flags.DEFINE_string("checkpoint", None, "forgetting: generator checkpoint to sample from (ours or an original .pth); "
-                    "prompts: our checkpoint of a distilled SD generator (workdir, checkpoints/ or checkpoints/<step>).")
-flags.DEFINE_string("classifier", None, "forgetting: classifier directory (train-classifier) or torchvision .pth.")
-flags.DEFINE_string("samples", None, "forgetting/fid: a folder of PNGs or an .npz (images, labels) instead of "
-                    "sampling.")
-flags.DEFINE_integer("forget", None, "forgetting: the forgotten class (default: the checkpoint's "
-                     "distill.label_to_forget); -1 for per-class accuracies only.")
-flags.DEFINE_integer("n_per_class", 100, "forgetting: samples per class when sampling on the fly.")
-flags.DEFINE_string("classes", "", "forgetting: classes to sample ('0,3', 'x0' = all but 0; default all).")
-flags.DEFINE_bool("original_normalisation", False, "forgetting: divide the forgotten-class sums by the number of "
-                  "all images, as the original's ua_imagefolder.py (default: proper per-class averages).")
-flags.DEFINE_string("sampler", "auto", "forgetting: one_step | ddim | ddpm | auto (one_step for distilled).")
-flags.DEFINE_integer("steps", 100, "forgetting: steps for ddim/ddpm; prompts: generator steps (default 1).")
-flags.DEFINE_float("cond_scale", 0.0, "forgetting: guidance s for ddim/ddpm (0: none).")
-flags.DEFINE_string("weights", "ema", "forgetting/prompts: ema | raw generator weights (prompts: ema falls back "
-                    "to the raw generator when the checkpoint has no EMA).")
-flags.DEFINE_integer("classifier_input_size", 224, "forgetting: resize for a torchvision .pth classifier "
-                     "(224 as the original; 0 = no resize).")
-flags.DEFINE_string("classifier_normalization", "none", "forgetting: none ([-1,1] inputs, the original's) | "
-                    "imagenet (mean/std) for a torchvision .pth classifier.")
-# train-classifier
-flags.DEFINE_string("dataset", None, "train-classifier: digits | mnist | fashion_mnist | cifar10 | stl10 | npz.")
-flags.DEFINE_string("data_path", None, "train-classifier/fid: dataset directory or file (default ./data).")
-flags.DEFINE_string("arch", "cnn", "train-classifier: cnn | resnet18 | resnet34.")
-flags.DEFINE_string("stem", "cifar", "train-classifier: ResNet stem, cifar | imagenet.")
-flags.DEFINE_integer("width", 32, "train-classifier: CNN base width.")
-flags.DEFINE_integer("image_size", None, "train-classifier: resize the dataset to this size (default native).")
-flags.DEFINE_integer("channels", None, "train-classifier: 1 or 3 channels (default native).")
-flags.DEFINE_string("split", "train", "train-classifier: training split.")
-flags.DEFINE_string("test_split", "test", "train-classifier: held-out split ('' = hold out --val_fraction of "
-                    "the training split).")
-flags.DEFINE_float("val_fraction", 0.1, "train-classifier: held-out fraction when there is no test split.")
-flags.DEFINE_integer("epochs", 30, "train-classifier: epochs.")
-flags.DEFINE_float("lr", 2e-3, "train-classifier: peak learning rate (AdamW, cosine decay).")
-flags.DEFINE_float("weight_decay", 5e-4, "train-classifier: decoupled weight decay.")
-flags.DEFINE_bool("hflip", None, "train-classifier: random horizontal flips (default: on for RGB, off for grey).")
-flags.DEFINE_integer("crop_pad", None, "train-classifier: random shifts up to this many pixels (default 1 for "
-                     "<=16 px, 4 otherwise).")
-# fid
-flags.DEFINE_string("ref", None, "fid: reference set: a folder of PNGs, an npz (images, or mu/sigma stats), or "
-                    "dataset:NAME[:SPLIT] read with --data_path.")
-flags.DEFINE_string("inception", None, "fid: path of pt_inception-2015-12-05-6726825d.pth.")
-flags.DEFINE_bool("is", False, "fid: also the Inception Score of the samples.")
-flags.DEFINE_bool("pr", False, "fid: also improved precision/recall (k=3).")
-flags.DEFINE_bool("sfid", True, "fid: also sFID (spatial features; needs image references, not mu/sigma npz).")
-flags.DEFINE_string("exclude_regex", None, "fid: drop PNGs whose path matches, from both folders (the "
-                    "original's EXCLUDE_REGEX, e.g. '000_\\d{5}\\.png').")
-flags.DEFINE_integer("exclude_class", None, "fid: drop samples with this label (and reference images, for a "
-                     "dataset reference).")
-flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "sfd_jax", "fid_stats"),
-                    "fid: where reference statistics are cached (keyed by content hash; '' = no cache).")
-flags.DEFINE_string("resize", "pytorch_fid", "fid: 299-px resize: pytorch_fid (bilinear, align_corners=False) | "
-                    "tf1 (the TF graph's legacy bilinear, as the original's evaluator).")
-flags.DEFINE_string("fid_method", "sqrtm", "fid: sqrtm (scipy, pytorch-fid's and the original's) | eigh (same "
-                    "value via two symmetric eigendecompositions, 2-4x faster).")
-flags.DEFINE_integer("is_split_size", 5000, "fid: Inception Score split size (the original's evaluator: 5000).")
-# prompts
-flags.DEFINE_string("prompts", None, "prompts: prompt text files, comma-separated (one prompt a line).")
-flags.DEFINE_string("seeds", "0-19", "prompts: seeds, e.g. '0-19,25' (ranges inclusive).")
-flags.DEFINE_string("outdir", None, "prompts: output folder (OUTDIR/<prompt>/<seed:05d>.png, OUTDIR/index.json).")
-flags.DEFINE_string("model", None, "prompts: base SD pipeline folder for the VAE, text encoder, tokenizer, scheduler "
-                    "and UNet config (default: the checkpoint's training config sd.model).")
-flags.DEFINE_integer("init_timestep", None, "prompts: the generator's t_init (default: the checkpoint's "
-                     "distill.init_timestep, else 625).")
-flags.DEFINE_integer("resolution", None, "prompts: image size in pixels (default: UNet sample_size x VAE factor).")
-flags.DEFINE_string("format", "png", "prompts: png | jpg (PIL quality 75, as the original).")
-flags.DEFINE_string("dtype", "float32", "prompts: compute dtype, float32 | bfloat16 (parameters stay float32).")
-flags.DEFINE_bool("overwrite", False, "prompts: regenerate images that exist (default: skip them, resumable).")
-# nudity
-flags.DEFINE_float("threshold", 0.6, "nudity: count boxes with score >= this (0.6 = NudeNet 2.0.9's default).")
-flags.DEFINE_bool("recursive", False, "nudity: also images in subfolders (e.g. the per-prompt folders).")
-# common
-flags.DEFINE_string("out", None, "forgetting/fid/nudity: JSON output file; train-classifier: output directory.")
-flags.DEFINE_integer("batch", 100, "Batch size (sampling, classifying, Inception; prompts: default 64).")
-flags.DEFINE_integer("seed", 1234, "Random seed.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
-FLAGS = flags.FLAGS
 
-
-def _write_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+def _out_flag(help_text: str = "JSON output file.") -> None:
+    flags.DEFINE_string("out", None, help_text)
 
 
 # ---------------------------------------------------------------------------------------------- forgetting
+def forgetting_flags() -> None:
+    define_recipe_config_flag("Recipe config for an original .pth checkpoint (replaces the config stored in our "
+                              "checkpoints).")
+    flags.DEFINE_string("checkpoint", None, "Generator checkpoint to sample from (ours or an original .pth).")
+    flags.DEFINE_string("samples", None, "A folder of PNGs or an .npz (images, labels) instead of sampling.")
+    flags.DEFINE_string("classifier", None, "Classifier directory (train-classifier) or torchvision .pth.")
+    flags.DEFINE_integer("forget", None, "The forgotten class (default: the checkpoint's distill.label_to_forget); "
+                         "-1 for per-class accuracies only.")
+    flags.DEFINE_integer("n_per_class", 100, "Samples per class when sampling on the fly.")
+    flags.DEFINE_string("classes", "", "Classes to sample ('0,3', 'x0' = all but 0; default all).")
+    flags.DEFINE_bool("original_normalisation", False, "Divide the forgotten-class sums by the number of all "
+                      "images, as the original's ua_imagefolder.py (default: proper per-class averages).")
+    define_ddpm_sampling_flags()
+    flags.DEFINE_integer("classifier_input_size", 224, "Resize for a torchvision .pth classifier (224 as the "
+                         "original; 0 = no resize).")
+    flags.DEFINE_string("classifier_normalization", "none", "none ([-1,1] inputs, the original's) | imagenet "
+                        "(mean/std) for a torchvision .pth classifier.")
+    flags.DEFINE_integer("batch", 100, "Batch size (sampling and classifying).")
+    define_seed_flag()
+    define_progress_flag()
+    _out_flag()
+
+
 def _sample_from_checkpoint(clf_n_classes: int):
+    """(uint8 images, labels, the checkpoint's forgotten class or None, source info) sampled from --checkpoint."""
     from sfd_jax.ddpm.sampling import CheckpointSampler
     from sfd_jax.image_io import to_uint8
 
-    sampler = CheckpointSampler(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights, sampler=FLAGS.sampler,
-                                steps=FLAGS.steps, cond_scale=FLAGS.cond_scale)
-    net, config, n_classes = sampler.network, sampler.config, sampler.n_classes
-    if n_classes != clf_n_classes:
+    sampler = CheckpointSampler(FLAGS.checkpoint, **ddpm_sampling_settings())
+    if sampler.n_classes != clf_n_classes:
         raise UsageError(f"the classifier has {clf_n_classes} classes but the generator {FLAGS.checkpoint} has "
-                         f"{n_classes}")
-    labels = np.repeat(np.asarray(parse_classes(FLAGS.classes, n_classes), np.int64), FLAGS.n_per_class)
+                         f"{sampler.n_classes}")
+    labels = np.repeat(np.asarray(parse_classes(FLAGS.classes, sampler.n_classes), np.int64), FLAGS.n_per_class)
     images = sampler.sample(labels, batch_size=FLAGS.batch, seed=FLAGS.seed, progress=FLAGS.progress)
     bad = ~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(-1)
     if bad.any():
         raise UsageError(f"the generator of {FLAGS.checkpoint} produced NaN/inf in {int(bad.sum())} of {len(images)} "
                          "images; refusing to score them")
-    forget = config.get("distill", {}).get("label_to_forget", None) if "distill" in config else None
+    config, net = sampler.config, sampler.network
+    forget = config.distill.get("label_to_forget", None) if "distill" in config else None
     info = {"checkpoint": os.fspath(FLAGS.checkpoint), "network": net.name, "step": net.step,
             "sampler": sampler.sampler_name, "seed": FLAGS.seed, "n_per_class": FLAGS.n_per_class}
     return to_uint8(images), labels, forget, info
 
 
-def check_classifier_fits(clf_config, image_shape, what: str, clf_path: str) -> None:
-    """One-line UsageError when the classifier was made for other images than ``image_shape`` (H, W, C)."""
-    h, w, c = image_shape
-    if c != clf_config.channels:
-        raise UsageError(f"classifier {clf_path} takes {clf_config.channels}-channel images but {what} have {c}")
-    if clf_config.input_size is None and (h, w) != (clf_config.image_size, clf_config.image_size):
-        raise UsageError(f"classifier {clf_path} was trained on {clf_config.image_size}x{clf_config.image_size} "
-                         f"images but {what} are {h}x{w}")
-
-
 def forgetting_main() -> dict:
-    from sfd_jax.eval.classifier_train import load_classifier, predict_logits
-    from sfd_jax.eval.forgetting import forgetting_metrics, format_table
+    from sfd_jax.ddpm.sampling import check_sampler_settings
+    from sfd_jax.eval.classifier_train import load_classifier
+    from sfd_jax.eval.forgetting import check_classifier_fits, format_table, score_samples
     from sfd_jax.eval.samples import read_images
 
     if not FLAGS.classifier:
@@ -178,6 +109,7 @@ def forgetting_main() -> dict:
     if not os.path.exists(src):
         raise FileNotFoundError(f"{'checkpoint' if FLAGS.checkpoint else 'samples'} {src!r} does not exist")
     check_positive(batch=FLAGS.batch, n_per_class=FLAGS.n_per_class, steps=FLAGS.steps)
+    check_sampler_settings(FLAGS.sampler, FLAGS.skip, FLAGS.weights)
     if FLAGS.classifier_input_size < 0:
         raise UsageError(f"--classifier_input_size must be >= 0, got {FLAGS.classifier_input_size}")
     if FLAGS.out:
@@ -191,8 +123,7 @@ def forgetting_main() -> dict:
                              "or store 'labels' in the npz)")
     # A torchvision .pth carries no image size: it is set from the samples below.
     image_size = samples.image_shape[0] if samples is not None else 32
-    clf = load_classifier(FLAGS.classifier, image_size=image_size,
-                          input_size=FLAGS.classifier_input_size or None,
+    clf = load_classifier(FLAGS.classifier, image_size=image_size, input_size=FLAGS.classifier_input_size or None,
                           normalization=FLAGS.classifier_normalization)
     if samples is not None:
         images, labels, forget_default = samples.images, samples.labels, None
@@ -213,25 +144,43 @@ def forgetting_main() -> dict:
     forget = None if forget == -1 else int(forget)
     if forget is not None and not 0 <= forget < clf.config.n_classes:
         raise UsageError(f"--forget={forget} is outside the classifier's classes [0, {clf.config.n_classes})")
-
-    logits = predict_logits(clf.config, clf.variables, images, batch_size=FLAGS.batch, progress=FLAGS.progress)
-    if not np.isfinite(logits).all():
-        raise UsageError(f"classifier {FLAGS.classifier} gives NaN/inf logits for "
-                         f"{int((~np.isfinite(logits).all(-1)).sum())} of {len(logits)} images; refusing to score them")
-    result = forgetting_metrics(logits, labels, forget, original_normalisation=FLAGS.original_normalisation)
+    result = score_samples(clf, FLAGS.classifier, images, labels, forget, batch_size=FLAGS.batch,
+                           progress=FLAGS.progress, original_normalisation=FLAGS.original_normalisation)
     result["source"] = dict(info, classifier=os.fspath(FLAGS.classifier), classifier_config=clf.config.to_dict())
     print(format_table(result))
-    _write_json(FLAGS.out, result)
+    write_json(FLAGS.out, result)
     if FLAGS.out:
         print(f"wrote {FLAGS.out}")
     return result
 
 
 # ---------------------------------------------------------------------------------------- train-classifier
+def train_classifier_flags() -> None:
+    flags.DEFINE_string("dataset", None, "digits | mnist | fashion_mnist | cifar10 | stl10 | npz.")
+    flags.DEFINE_string("data_path", None, "Dataset directory or file (default ./data).")
+    flags.DEFINE_string("arch", "cnn", "cnn | resnet18 | resnet34.")
+    flags.DEFINE_string("stem", "cifar", "ResNet stem, cifar | imagenet.")
+    flags.DEFINE_integer("width", 32, "CNN base width.")
+    flags.DEFINE_integer("image_size", None, "Resize the dataset to this size (default native).")
+    flags.DEFINE_integer("channels", None, "1 or 3 channels (default native).")
+    flags.DEFINE_string("split", "train", "Training split.")
+    flags.DEFINE_string("test_split", "test", "Held-out split ('' = hold out --val_fraction of the training split).")
+    flags.DEFINE_float("val_fraction", 0.1, "Held-out fraction when there is no test split.")
+    flags.DEFINE_integer("epochs", 30, "Epochs.")
+    flags.DEFINE_integer("batch", 128, "Batch size.")
+    flags.DEFINE_float("lr", 2e-3, "Peak learning rate (AdamW, cosine decay).")
+    flags.DEFINE_float("weight_decay", 5e-4, "Decoupled weight decay.")
+    flags.DEFINE_bool("hflip", None, "Random horizontal flips (default: on for RGB, off for grey).")
+    flags.DEFINE_integer("crop_pad", None, "Random shifts up to this many pixels (default 1 for <=16 px, 4 "
+                         "otherwise).")
+    define_seed_flag("Random seed (initialisation, batches, the held-out permutation).")
+    define_progress_flag()
+    _out_flag("The classifier's output directory.")
+
+
 def train_classifier_main() -> dict:
-    from sfd_jax.data import DatasetError, load_dataset
-    from sfd_jax.eval.classifier_train import TrainConfig, save_classifier, train_classifier
-    from sfd_jax.models.classifier import ARCHS, ClassifierConfig
+    from sfd_jax.eval.classifier_train import train_on_dataset
+    from sfd_jax.models.classifier import ARCHS
 
     if not FLAGS.dataset:
         raise UsageError("--dataset is required (digits, mnist, fashion_mnist, cifar10, stl10 or npz)")
@@ -247,52 +196,43 @@ def train_classifier_main() -> dict:
     if FLAGS.crop_pad is not None and FLAGS.crop_pad < 0:
         raise UsageError(f"--crop_pad must be >= 0, got {FLAGS.crop_pad}")
     check_output_path(FLAGS.out, "--out", directory=True)
-    try:
-        train = load_dataset(FLAGS.dataset, FLAGS.data_path, split=FLAGS.split, image_size=FLAGS.image_size,
-                             channels=FLAGS.channels)
-        test = None
-        if FLAGS.test_split:
-            try:
-                test = load_dataset(FLAGS.dataset, FLAGS.data_path, split=FLAGS.test_split,
-                                    image_size=FLAGS.image_size, channels=FLAGS.channels)
-            except DatasetError as e:
-                if "split" not in str(e):
-                    raise
-    except DatasetError as e:
-        raise UsageError(str(e)) from None
-    tr_x, tr_y = train.images, train.labels
-    if test is not None:
-        te_x, te_y, held_out = test.images, test.labels, f"split {FLAGS.test_split!r}"
-    else:
-        if not 0 < FLAGS.val_fraction < 1:
-            raise UsageError(f"--val_fraction must be in (0, 1), got {FLAGS.val_fraction}")
-        perm = np.random.default_rng(FLAGS.seed).permutation(len(tr_x))
-        n_val = max(1, int(round(FLAGS.val_fraction * len(tr_x))))
-        te_x, te_y = tr_x[perm[:n_val]], tr_y[perm[:n_val]]
-        tr_x, tr_y = tr_x[perm[n_val:]], tr_y[perm[n_val:]]
-        held_out = f"{n_val} images of split {FLAGS.split!r} (permutation seed {FLAGS.seed})"
-    h, w, c = tr_x.shape[1:]
-    if h != w:
-        raise UsageError(f"{FLAGS.dataset} images are {h}x{w}; pass --image_size to make them square")
-    cfg = ClassifierConfig(arch=FLAGS.arch, n_classes=train.n_classes, image_size=h, channels=c, width=FLAGS.width,
-                           stem=FLAGS.stem)
-    tcfg = TrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch if FLAGS["batch"].present else 128,
-                       lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
-                       hflip=(c == 3) if FLAGS.hflip is None else FLAGS.hflip,
-                       crop_pad=(1 if h <= 16 else 4) if FLAGS.crop_pad is None else FLAGS.crop_pad)
-    variables, hist = train_classifier(cfg, tr_x, tr_y, te_x, te_y, tcfg=tcfg, progress=FLAGS.progress)
-    meta = {"dataset": train.name, "data_path": FLAGS.data_path, "split": FLAGS.split, "held_out": held_out,
-            "n_train": int(len(tr_x)), "n_held_out": int(len(te_x)),
-            "held_out_accuracy": hist["test_acc"][-1], "train_accuracy": hist["train_acc"][-1],
-            "train_loss": hist["train_loss"][-1], "steps": hist["steps"], "batch_size": hist["batch_size"],
-            "train_config": {k: v for k, v in tcfg.__dict__.items()}}
-    out = save_classifier(FLAGS.out, variables, cfg, meta, step=hist["steps"])
-    print(f"{cfg.arch} on {train.name} {h}x{w}x{c}, {cfg.n_classes} classes: held-out accuracy "
-          f"{meta['held_out_accuracy']:.4f} ({held_out}); saved to {out}")
+    cfg, meta, out = train_on_dataset(
+        FLAGS.dataset, FLAGS.out, data_path=FLAGS.data_path, split=FLAGS.split, test_split=FLAGS.test_split,
+        val_fraction=FLAGS.val_fraction, image_size=FLAGS.image_size, channels=FLAGS.channels, arch=FLAGS.arch,
+        stem=FLAGS.stem, width=FLAGS.width, epochs=FLAGS.epochs, batch_size=FLAGS.batch, lr=FLAGS.lr,
+        weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, hflip=FLAGS.hflip, crop_pad=FLAGS.crop_pad,
+        progress=FLAGS.progress)
+    print(f"{cfg.arch} on {meta['dataset']} {cfg.image_size}x{cfg.image_size}x{cfg.channels}, {cfg.n_classes} "
+          f"classes: held-out accuracy {meta['held_out_accuracy']:.4f} ({meta['held_out']}); saved to {out}")
     return meta
 
 
 # ----------------------------------------------------------------------------------------------------- fid
+def fid_flags() -> None:
+    flags.DEFINE_string("samples", None, "A folder of PNGs or an .npz (images, labels).")
+    flags.DEFINE_string("ref", None, "Reference set: a folder of PNGs, an npz (images, or mu/sigma stats), or "
+                        "dataset:NAME[:SPLIT] read with --data_path.")
+    flags.DEFINE_string("data_path", None, "Dataset directory or file for a dataset: reference (default ./data).")
+    flags.DEFINE_string("inception", None, "Path of pt_inception-2015-12-05-6726825d.pth.")
+    flags.DEFINE_bool("is", False, "Also the Inception Score of the samples.")
+    flags.DEFINE_bool("pr", False, "Also improved precision/recall (k=3).")
+    flags.DEFINE_bool("sfid", True, "Also sFID (spatial features; needs image references, not mu/sigma npz).")
+    flags.DEFINE_string("exclude_regex", None, "Drop PNGs whose path matches, from both folders (the original's "
+                        "EXCLUDE_REGEX, e.g. '000_\\d{5}\\.png').")
+    flags.DEFINE_integer("exclude_class", None, "Drop samples with this label (and reference images, for a "
+                         "dataset reference).")
+    flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "sfd_jax", "fid_stats"),
+                        "Where reference statistics are cached (keyed by content hash; '' = no cache).")
+    flags.DEFINE_string("resize", "pytorch_fid", "299-px resize: pytorch_fid (bilinear, align_corners=False) | "
+                        "tf1 (the TF graph's legacy bilinear, as the original's evaluator).")
+    flags.DEFINE_string("fid_method", "sqrtm", "sqrtm (scipy, pytorch-fid's and the original's) | eigh (same "
+                        "value via two symmetric eigendecompositions, 2-4x faster).")
+    flags.DEFINE_integer("is_split_size", 5000, "Inception Score split size (the original's evaluator: 5000).")
+    flags.DEFINE_integer("batch", 100, "Inception batch size.")
+    define_progress_flag()
+    _out_flag()
+
+
 def fid_main() -> dict:
     from sfd_jax.eval import metrics
     from sfd_jax.eval.samples import read_images
@@ -331,30 +271,42 @@ def fid_main() -> dict:
                                        exclude_regex=FLAGS.exclude_regex, exclude_class=FLAGS.exclude_class,
                                        need_features=FLAGS.pr, cache_dir=os.path.expanduser(FLAGS.cache_dir) or None,
                                        progress=FLAGS.progress)
-    feats = extractor.features(samples.images, progress=FLAGS.progress, logits=FLAGS["is"].value)
+    if FLAGS.pr and ref.features is None:
+        raise UsageError(f"--pr needs reference features, but {FLAGS.ref} holds only mu/sigma statistics")
     result = {"n_samples": int(len(samples.images)), "n_ref": ref.n, "samples": FLAGS.samples, "ref": FLAGS.ref,
               "resize": FLAGS.resize}
-    mu, sigma = metrics.mean_cov(feats["pool3"])
-    result["fid"] = metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma, method=FLAGS.fid_method)
-    if FLAGS.sfid and ref.mu_spatial is not None:
-        mu_s, sigma_s = metrics.mean_cov(feats["spatial"])
-        result["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref.mu_spatial, ref.sigma_spatial,
-                                                  method=FLAGS.fid_method)
-    if FLAGS["is"].value:
-        result["inception_score"], result["inception_score_std"] = metrics.inception_score(
-            metrics.softmax(feats["logits"]), split_size=FLAGS.is_split_size)
-    if FLAGS.pr:
-        if ref.features is None:
-            raise UsageError(f"--pr needs reference features, but {FLAGS.ref} holds only mu/sigma statistics")
-        result["precision"], result["recall"] = metrics.precision_recall(ref.features, feats["pool3"], k=3)
+    result.update(metrics.sample_metrics(samples.images, ref, extractor, inception_score_too=FLAGS["is"].value,
+                                         precision_recall_too=FLAGS.pr, sfid=FLAGS.sfid, method=FLAGS.fid_method,
+                                         is_split_size=FLAGS.is_split_size, progress=FLAGS.progress))
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         if key in result:
             print(f"{key:>16}: {result[key]:.4f}")
-    _write_json(FLAGS.out, result)
+    write_json(FLAGS.out, result)
     return result
 
 
 # ------------------------------------------------------------------------------------------------- prompts
+def prompts_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "Our checkpoint of a distilled SD generator (workdir, checkpoints/ or "
+                        "checkpoints/<step>).")
+    flags.DEFINE_string("prompts", None, "Prompt text files, comma-separated (one prompt a line).")
+    flags.DEFINE_string("seeds", "0-19", "Seeds, e.g. '0-19,25' (ranges inclusive).")
+    flags.DEFINE_string("outdir", None, "Output folder (OUTDIR/<prompt>/<seed:05d>.png, OUTDIR/index.json).")
+    flags.DEFINE_string("model", None, "Base SD pipeline folder for the VAE, text encoder, tokenizer, scheduler and "
+                        "UNet config (default: the checkpoint's training config sd.model).")
+    flags.DEFINE_integer("init_timestep", None, "The generator's t_init (default: the checkpoint's "
+                         "distill.init_timestep, else 625).")
+    flags.DEFINE_integer("steps", 1, "Generator steps.")
+    flags.DEFINE_integer("batch", 64, "Images per batch.")
+    flags.DEFINE_string("weights", "ema", "ema | raw generator weights (ema falls back to the raw generator when the "
+                        "checkpoint has no EMA).")
+    flags.DEFINE_integer("resolution", None, "Image size in pixels (default: UNet sample_size x VAE factor).")
+    flags.DEFINE_string("format", "png", "png | jpg (PIL quality 75, as the original).")
+    flags.DEFINE_string("dtype", "float32", "Compute dtype, float32 | bfloat16 (parameters stay float32).")
+    flags.DEFINE_bool("overwrite", False, "Regenerate images that exist (default: skip them, resumable).")
+    define_progress_flag()
+
+
 def prompts_main() -> dict:
     from sfd_jax.eval.sd_prompts import generate_prompt_images, parse_seeds
 
@@ -369,9 +321,8 @@ def prompts_main() -> dict:
     check_positive(resolution=FLAGS.resolution)
     res = generate_prompt_images(
         FLAGS.checkpoint, files, seeds, FLAGS.outdir, model=FLAGS.model, init_timestep=FLAGS.init_timestep,
-        steps=FLAGS.steps if FLAGS["steps"].present else 1, batch=FLAGS.batch if FLAGS["batch"].present else 64,
-        weights=FLAGS.weights, fmt=FLAGS.format, dtype=FLAGS.dtype, resolution=FLAGS.resolution,
-        overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+        steps=FLAGS.steps, batch=FLAGS.batch, weights=FLAGS.weights, fmt=FLAGS.format, dtype=FLAGS.dtype,
+        resolution=FLAGS.resolution, overwrite=FLAGS.overwrite, progress=FLAGS.progress)
     print(f"{len(res['prompts'])} prompts x {len(seeds)} seeds: wrote {res['written']} images, skipped "
           f"{res['skipped']} existing ({res['item']} of step {res['step']}, t_init {res['init_timestep']}) "
           f"in {FLAGS.outdir}")
@@ -379,6 +330,13 @@ def prompts_main() -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- nudity
+def nudity_flags() -> None:
+    flags.DEFINE_float("threshold", 0.6, "Count boxes with score >= this (0.6 = NudeNet 2.0.9's default).")
+    flags.DEFINE_bool("recursive", False, "Also images in subfolders (e.g. the per-prompt folders).")
+    define_progress_flag()
+    _out_flag()
+
+
 def nudity_main(folder: str) -> dict:
     from sfd_jax.eval.nudity import evaluate_folder, format_table
 
@@ -387,10 +345,16 @@ def nudity_main(folder: str) -> dict:
         check_output_path(FLAGS.out, "--out")
     report = evaluate_folder(folder, FLAGS.threshold, recursive=FLAGS.recursive, progress=FLAGS.progress)
     print(format_table(report))
-    _write_json(FLAGS.out, report)
+    write_json(FLAGS.out, report)
     if FLAGS.out:
         print(f"wrote {FLAGS.out}")
     return report
+
+
+# -------------------------------------------------------------------------------------------------- dispatch
+SUBCOMMANDS = {"forgetting": (forgetting_flags, forgetting_main), "train-classifier": (train_classifier_flags,
+               train_classifier_main), "fid": (fid_flags, fid_main), "prompts": (prompts_flags, prompts_main),
+               "nudity": (nudity_flags, nudity_main)}
 
 
 def main(argv):
@@ -405,11 +369,20 @@ def main(argv):
         return
     if len(argv) > 2:
         raise UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
-    {"forgetting": forgetting_main, "train-classifier": train_classifier_main, "fid": fid_main,
-     "prompts": prompts_main}[argv[1]]()
+    SUBCOMMANDS[argv[1]][1]()
+
+
+def define_subcommand_flags(argv: list[str]) -> str | None:
+    """Define the flags of the subcommand named in ``argv`` (the first argument that names one); returns it."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    sub = next((a for a in args if a in SUBCOMMANDS), None)
+    if sub is not None:
+        SUBCOMMANDS[sub][0]()
+    return sub
 
 
 def cli():
+    define_subcommand_flags(sys.argv)
     run(main, "sfd_jax.evaluate")
 
 

@@ -15,30 +15,24 @@ import os
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from sfd_jax.cli_utils import (UsageError, check_input_file, check_input_path, check_output_path, check_positive,
-                               parse_classes, run)
+                               ddpm_sampling_settings, define_ddpm_sampling_flags, define_progress_flag,
+                               define_recipe_config_flag, define_seed_flag, parse_classes, run)
 
-config_flags.DEFINE_config_file(
-    "config", None, "Recipe config (configs/<recipe>.py), with --config.x.y=... overrides. Required for an "
-    "original .pth; replaces the config stored in our checkpoints.", lock_config=False)
+define_recipe_config_flag("Recipe config (configs/<recipe>.py), with --config.x.y=... overrides. Required for an "
+                          "original .pth; replaces the config stored in our checkpoints.")
 flags.DEFINE_string("checkpoint", None, "Our checkpoint directory or an original .pth file.")
-flags.DEFINE_string("sampler", "auto", "one_step | ddim | ddpm | auto (one_step for distilled checkpoints, else ddim).")
-flags.DEFINE_integer("steps", 100, "Sampling steps for ddim/ddpm (the original's --timesteps, default 1000 there).")
-flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0: deterministic DDIM; 1: the original's default).")
-flags.DEFINE_string("skip", "uniform", "Timestep spacing for ddim/ddpm: uniform | quad.")
-flags.DEFINE_float("cond_scale", 0.0, "Guidance s: eps = (1+s)*cond - s*uncond (0: none; the original's default is 2).")
-flags.DEFINE_string("weights", "ema", "ema | raw: the EMA or raw weights of the generator (or model).")
+define_ddpm_sampling_flags()
 flags.DEFINE_string("classes", "", "Comma list of classes ('0,3,5'), or 'x0,x3' for all classes except those. "
                     "Default: all classes.")
 flags.DEFINE_integer("n_per_class", 10, "Images per class.")
 flags.DEFINE_integer("batch", None, "Global batch size (default: config.sampling.batch_size).")
-flags.DEFINE_integer("seed", 1234, "Random seed (initial noise is drawn per sample, so batch size does not matter).")
+define_seed_flag("Random seed (initial noise is drawn per sample, so batch size does not matter).")
 flags.DEFINE_string("out", None, "X.npz for arrays, or a directory for PNGs + grid.png.")
 flags.DEFINE_string("noise", None, "Replay initial noise from an .npy [N,H,W,C] float32 (needs --labels or one class).")
 flags.DEFINE_string("labels", None, "Replay labels from an .npy [N] int (overrides --classes/--n_per_class).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+define_progress_flag()
 flags.DEFINE_string("prompt", None, "Stable Diffusion checkpoints: the text prompt (images for seeds --seed ... "
                     "--seed+--n_per_class-1 go to --out/<prompt>/<seed>.png; see `evaluate prompts`).")
 FLAGS = flags.FLAGS
@@ -160,8 +154,7 @@ def main(argv):
     replay_labels, replay_noise = _read_replay_files()
     from sfd_jax.ddpm.sampling import CheckpointSampler    # heavy imports after the cheap checks
 
-    sampler = CheckpointSampler(FLAGS.checkpoint, config=FLAGS.config, weights=FLAGS.weights, sampler=FLAGS.sampler,
-                                steps=FLAGS.steps, skip=FLAGS.skip, eta=FLAGS.eta, cond_scale=FLAGS.cond_scale)
+    sampler = CheckpointSampler(FLAGS.checkpoint, **ddpm_sampling_settings())
     labels, noise = _labels_and_noise(sampler.n_classes, sampler.image_shape, replay_labels, replay_noise)
     images = sampler.sample(labels, batch_size=FLAGS.batch, seed=FLAGS.seed, noise=noise, progress=FLAGS.progress)
     net = sampler.network

@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
-from sfd_jax.cli_utils import UsageError, check_input_file, check_input_path, check_output_path, run
+from sfd_jax.cli_utils import (UsageError, check_input_file, check_input_path, check_output_path,
+                               define_recipe_config_flag, run)
 
-config_flags.DEFINE_config_file("config", None, "Recipe config describing the architecture (configs/<recipe>.py).",
-                                lock_config=False)
+define_recipe_config_flag("Recipe config describing the architecture (configs/<recipe>.py).")
 flags.DEFINE_string("src", None, "ddpm: the original .pth file; import-diffusers: a UNet or pipeline folder; "
                     "sid-lsg: the generator .pkl.")
 flags.DEFINE_string("checkpoint", None, "ddpm-to-pth, export-diffusers: our checkpoint directory.")

@@ -272,3 +272,55 @@ def load_classifier(path: str | os.PathLike, *, image_size: int | None = None, i
     variables = ckpt.restore({CLASSIFIER_ITEM: target}, step)[CLASSIFIER_ITEM]
     ckpt.close()
     return LoadedClassifier(cfg, variables, dict(meta), path)
+
+
+def train_on_dataset(dataset: str, out: str, *, data_path: str | None = None, split: str = "train",
+                     test_split: str = "test", val_fraction: float = 0.1, image_size: int | None = None,
+                     channels: int | None = None, arch: str = "cnn", stem: str = "cifar", width: int = 32,
+                     epochs: int = 30, batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 5e-4,
+                     seed: int = 1234, hflip: bool | None = None, crop_pad: int | None = None,
+                     progress: bool = True) -> tuple[ClassifierConfig, dict, str]:
+    """Train an evaluation classifier on a dataset (:func:`sfd_jax.data.load_dataset`) and save it to ``out``.
+
+    Held out: ``test_split`` when the dataset has it, else ``val_fraction`` of ``split`` (a permutation from
+    ``seed``). ``hflip`` default: on for RGB; ``crop_pad`` default: 1 for <=16 px, 4 otherwise. Returns (the
+    classifier's config, meta, the directory written)."""
+    from sfd_jax.cli_utils import UsageError
+    from sfd_jax.data import DatasetError, load_dataset
+
+    try:
+        train = load_dataset(dataset, data_path, split=split, image_size=image_size, channels=channels)
+        test = None
+        if test_split:
+            try:
+                test = load_dataset(dataset, data_path, split=test_split, image_size=image_size, channels=channels)
+            except DatasetError as e:
+                if "split" not in str(e):
+                    raise
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    tr_x, tr_y = train.images, train.labels
+    if test is not None:
+        te_x, te_y, held_out = test.images, test.labels, f"split {test_split!r}"
+    else:
+        if not 0 < val_fraction < 1:
+            raise UsageError(f"--val_fraction must be in (0, 1), got {val_fraction}")
+        perm = np.random.default_rng(seed).permutation(len(tr_x))
+        n_val = max(1, int(round(val_fraction * len(tr_x))))
+        te_x, te_y = tr_x[perm[:n_val]], tr_y[perm[:n_val]]
+        tr_x, tr_y = tr_x[perm[n_val:]], tr_y[perm[n_val:]]
+        held_out = f"{n_val} images of split {split!r} (permutation seed {seed})"
+    h, w, c = tr_x.shape[1:]
+    if h != w:
+        raise UsageError(f"{dataset} images are {h}x{w}; pass --image_size to make them square")
+    cfg = ClassifierConfig(arch=arch, n_classes=train.n_classes, image_size=h, channels=c, width=width, stem=stem)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                       hflip=(c == 3) if hflip is None else hflip,
+                       crop_pad=(1 if h <= 16 else 4) if crop_pad is None else crop_pad)
+    variables, hist = train_classifier(cfg, tr_x, tr_y, te_x, te_y, tcfg=tcfg, progress=progress)
+    meta = {"dataset": train.name, "data_path": data_path, "split": split, "held_out": held_out,
+            "n_train": int(len(tr_x)), "n_held_out": int(len(te_x)),
+            "held_out_accuracy": hist["test_acc"][-1], "train_accuracy": hist["train_acc"][-1],
+            "train_loss": hist["train_loss"][-1], "steps": hist["steps"], "batch_size": hist["batch_size"],
+            "train_config": {k: v for k, v in tcfg.__dict__.items()}}
+    return cfg, meta, save_classifier(out, variables, cfg, meta, step=hist["steps"])

@@ -98,3 +98,29 @@ def format_table(result: dict) -> str:
         else:
             lines.append(f"forgotten class {kf}: no samples conditioned on it")
     return "\n".join(lines)
+
+
+def check_classifier_fits(clf_config, image_shape, what: str, clf_path: str) -> None:
+    """One-line UsageError when the classifier was made for other images than ``image_shape`` (H, W, C)."""
+    from sfd_jax.cli_utils import UsageError
+    h, w, c = image_shape
+    if c != clf_config.channels:
+        raise UsageError(f"classifier {clf_path} takes {clf_config.channels}-channel images but {what} have {c}")
+    if clf_config.input_size is None and (h, w) != (clf_config.image_size, clf_config.image_size):
+        raise UsageError(f"classifier {clf_path} was trained on {clf_config.image_size}x{clf_config.image_size} "
+                         f"images but {what} are {h}x{w}")
+
+
+def score_samples(clf, clf_path: str, images: np.ndarray, labels: np.ndarray, forget_class: int | None, *,
+                  batch_size: int = 256, progress: bool = True, original_normalisation: bool = False) -> dict:
+    """:func:`forgetting_metrics` of the loaded classifier ``clf`` on uint8 images [N,H,W,C] conditioned on
+    ``labels``; UsageError when the classifier does not take these images or gives NaN/inf logits."""
+    from sfd_jax.cli_utils import UsageError
+    from sfd_jax.eval.classifier_train import predict_logits
+
+    check_classifier_fits(clf.config, images.shape[1:], "the samples", clf_path)
+    logits = predict_logits(clf.config, clf.variables, images, batch_size=batch_size, progress=progress)
+    if not np.isfinite(logits).all():
+        raise UsageError(f"classifier {clf_path} gives NaN/inf logits for "
+                         f"{int((~np.isfinite(logits).all(-1)).sum())} of {len(logits)} images; refusing to score them")
+    return forgetting_metrics(logits, labels, forget_class, original_normalisation=original_normalisation)

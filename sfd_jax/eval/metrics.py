@@ -234,3 +234,28 @@ def reference_statistics(ref: str, extractor, *, data_path: str | None = None, e
     if path:
         stats.save(path)
     return stats
+
+
+def sample_metrics(images: np.ndarray, ref: RefStats, extractor, *, inception_score_too: bool = False,
+                   precision_recall_too: bool = False, sfid: bool = True, method: str = "sqrtm",
+                   is_split_size: int = 5000, progress: bool = False) -> dict:
+    """FID (and sFID, Inception Score, precision/recall on request) of uint8 ``images`` [N,H,W,C] against the
+    reference statistics ``ref`` (:func:`reference_statistics`). sFID needs the reference's spatial statistics,
+    precision/recall its features (UsageError when a mu/sigma npz has none)."""
+    from sfd_jax.cli_utils import UsageError
+
+    feats = extractor.features(images, progress=progress, logits=inception_score_too)
+    mu, sigma = mean_cov(feats["pool3"])
+    result = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma, method=method)}
+    if sfid and ref.mu_spatial is not None:
+        mu_s, sigma_s = mean_cov(feats["spatial"])
+        result["sfid"] = frechet_distance(mu_s, sigma_s, ref.mu_spatial, ref.sigma_spatial, method=method)
+    if inception_score_too:
+        result["inception_score"], result["inception_score_std"] = inception_score(
+            softmax(feats["logits"]), split_size=is_split_size)
+    if precision_recall_too:
+        if ref.features is None:
+            raise UsageError("precision/recall needs reference features, but the reference holds only mu/sigma "
+                             "statistics")
+        result["precision"], result["recall"] = precision_recall(ref.features, feats["pool3"], k=3)
+    return result
