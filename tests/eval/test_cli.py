@@ -102,3 +102,13 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     _fails_with("forgetting", f"--samples={tmp_path / 's8.npz'}", f"--classifier={ckpt}", "--forget=0",
                 match="not a classifier checkpoint")
     _fails_with("bogus", match="expected a subcommand")
+
+
+def test_each_subcommand_has_its_own_flags():
+    """``--steps``/``--batch`` mean one thing per subcommand; a flag of another subcommand is refused."""
+    prompts = run_cli(MOD, "prompts", "--helpshort")
+    assert prompts.returncode == 0
+    flags = {ln.split(":")[0].strip() for ln in prompts.stdout.splitlines() if ln.startswith("  --")}
+    assert {"--steps", "--batch", "--prompts"} <= flags and "--classifier" not in flags
+    assert "(default: '1')" in prompts.stdout.split("--steps:")[1].split("--")[0]
+    _fails_with("fid", "--classifier=x", match="Unknown command line flag 'classifier'")
