@@ -10,12 +10,10 @@ The original's values where it has them: the pretraining optimizer (Adam 2e-4, �
 η 1, guidance 2), the Fisher over every replay sample and all 1000 timesteps. The original defines no γ, λ or
 step count for this mode: γ = 1, λ = 10 and 10,000 steps are our choice (not tuned at CIFAR-10 scale).
 """
-from sfd_jax.ddpm.baselines.config import sa_config
+from sfd_jax.ddpm.baselines.config import first_stage, sa_config
 
 
 def get_config(variant: str = "sa"):
-    if variant not in ("sa", "fim"):
-        raise ValueError(f"variant must be 'fim' or 'sa', got {variant!r}")
-    c = sa_config(fim=variant == "fim")
+    c = sa_config(fim=first_stage(variant, "fim", "sa"))
     c.training.n_iters = 10000
     return c

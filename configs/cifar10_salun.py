@@ -9,12 +9,10 @@ The original's values: its train.py flag defaults (random label, α 1, mask rati
 loss) and the pretraining optimizer (Adam 2e-4, β1 0.9, global-norm clip 1, label dropout 0.1), batch 128. The
 original sets no step count for this mode: 1,000 steps is our choice.
 """
-from sfd_jax.ddpm.baselines.config import salun_config
+from sfd_jax.ddpm.baselines.config import first_stage, salun_config
 
 
 def get_config(variant: str = "salun"):
-    if variant not in ("salun", "mask"):
-        raise ValueError(f"variant must be 'mask' or 'salun', got {variant!r}")
-    c = salun_config(mask=variant == "mask")
+    c = salun_config(mask=first_stage(variant, "mask", "salun"))
     c.training.n_iters = 1000
     return c

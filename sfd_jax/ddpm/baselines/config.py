@@ -16,6 +16,14 @@ import ml_collections
 from sfd_jax.ddpm.config import pretrain_config
 
 
+def first_stage(variant: str, first: str, second: str) -> bool:
+    """Whether a two-stage recipe's variant (``configs/x.py:<variant>``) names its first, artifact-making stage;
+    anything but ``first`` / ``second`` is a ValueError naming both."""
+    if variant not in (first, second):
+        raise ValueError(f"variant must be {first!r} or {second!r}, got {variant!r}")
+    return variant == first
+
+
 def _unlearn(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(label_to_forget=0, init_from_ema=False, **kw))
 
