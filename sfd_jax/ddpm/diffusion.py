@@ -155,53 +155,51 @@ def _abar_ext(alphas_cumprod) -> jax.Array:
     return jnp.concatenate([jnp.ones((1,), jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32)])
 
 
+def _scan_steps(update: Callable, eps_fn: EpsFn, x_T: jax.Array, seq: np.ndarray, alphas_cumprod,
+                rng: jax.Array) -> jax.Array:
+    """``x ← update(x, eps, t, ā_t, ā_next, noise)`` over ``seq`` in sampling order (decreasing t; ā_{−1} = 1 after
+    the last step), eps = ``eps_fn(x, t)`` and noise ~ N(0, I) from ``fold_in(rng, i)`` at step i."""
+    ts, ts_next = _step_pairs(seq)
+    ab = _abar_ext(alphas_cumprod)
+    b = x_T.shape[0]
+
+    def body(x, inp):
+        k, t, t_next = inp
+        eps = eps_fn(x, jnp.full((b,), t, jnp.float32))
+        noise = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
+        return update(x, eps, t, ab[t + 1], ab[t_next + 1], noise), None
+
+    x, _ = jax.lax.scan(body, x_T, (jnp.arange(ts.shape[0]), ts, ts_next))
+    return x
+
+
 def ddim_sample(eps_fn: EpsFn, x_T: jax.Array, seq: np.ndarray, alphas_cumprod, *, eta: float,
                 rng: jax.Array) -> jax.Array:
     """DDIM with stochasticity eta (the original's 'generalized' sampler; eta=1 is DDPM-like, eta=0 deterministic).
 
     x_T: [B,H,W,C] standard normal; seq: increasing int timesteps (:func:`timestep_sequence`). No x0 clipping.
     """
-    ts, ts_next = _step_pairs(seq)
-    ab = _abar_ext(alphas_cumprod)
-    b = x_T.shape[0]
-
-    def body(x, inp):
-        k, t, t_next = inp
-        at, at_next = ab[t + 1], ab[t_next + 1]
-        eps = eps_fn(x, jnp.full((b,), t, jnp.float32))
-        x0 = (x - eps * jnp.sqrt(1.0 - at)) / jnp.sqrt(at)
+    def update(x, eps, t, at, at_next, noise):
+        x0 = eps_to_x0(x, eps, at)
         c1 = eta * jnp.sqrt((1.0 - at / at_next) * (1.0 - at_next) / (1.0 - at))
         c2 = jnp.sqrt((1.0 - at_next) - c1 ** 2)
-        noise = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
-        return jnp.sqrt(at_next) * x0 + c1 * noise + c2 * eps, None
-
-    x, _ = jax.lax.scan(body, x_T, (jnp.arange(ts.shape[0]), ts, ts_next))
-    return x
+        return jnp.sqrt(at_next) * x0 + c1 * noise + c2 * eps
+    return _scan_steps(update, eps_fn, x_T, seq, alphas_cumprod, rng)
 
 
 def ddpm_sample(eps_fn: EpsFn, x_T: jax.Array, seq: np.ndarray, alphas_cumprod, *, rng: jax.Array) -> jax.Array:
     """Ancestral DDPM over ``seq`` (the math the original's broken ``ddpm_noisy`` path intended).
 
-    β_t = 1 − ā_t/ā_prev; x0 = √(1/ā)x − √(1/ā − 1)ε clipped to [−1, 1];
-    mean = (√ā_prev β_t x0 + √(1−β_t)(1−ā_prev) x)/(1−ā_t); x ← mean + √β_t·N(0, I), no noise at t = 0.
+    β_t = 1 − ā_t/ā_prev; x0 = √(1/ā)x − √(1/ā − 1)ε clipped to [−1, 1] (the original's form of x̂₀, kept for its
+    rounding); mean = (√ā_prev β_t x0 + √(1−β_t)(1−ā_prev) x)/(1−ā_t); x ← mean + √β_t·N(0, I), no noise at t = 0.
     """
-    ts, ts_next = _step_pairs(seq)
-    ab = _abar_ext(alphas_cumprod)
-    b = x_T.shape[0]
-
-    def body(x, inp):
-        k, t, t_next = inp
-        at, atm1 = ab[t + 1], ab[t_next + 1]
+    def update(x, eps, t, at, atm1, noise):
         beta_t = 1.0 - at / atm1
-        eps = eps_fn(x, jnp.full((b,), t, jnp.float32))
         x0 = jnp.clip(jnp.sqrt(1.0 / at) * x - jnp.sqrt(1.0 / at - 1.0) * eps, -1.0, 1.0)
         mean = (jnp.sqrt(atm1) * beta_t * x0 + jnp.sqrt(1.0 - beta_t) * (1.0 - atm1) * x) / (1.0 - at)
-        noise = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
         mask = (t != 0).astype(x.dtype)
-        return mean + mask * jnp.exp(0.5 * jnp.log(beta_t)) * noise, None
-
-    x, _ = jax.lax.scan(body, x_T, (jnp.arange(ts.shape[0]), ts, ts_next))
-    return x
+        return mean + mask * jnp.exp(0.5 * jnp.log(beta_t)) * noise
+    return _scan_steps(update, eps_fn, x_T, seq, alphas_cumprod, rng)
 
 
 def run_sampler(sampler: str, eps_fn: EpsFn, x_T: jax.Array, alphas_cumprod, *, rng: jax.Array, t_init: int,

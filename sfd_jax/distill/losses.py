@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sfd_jax.ddpm.diffusion import EpsFn
+from sfd_jax.ddpm.diffusion import EpsFn, eps_to_x0
 
 
 def _coeffs(t: jax.Array, alphas_cumprod) -> tuple[jax.Array, jax.Array]:
@@ -53,9 +53,9 @@ def sid_generator_loss(teacher_eps_fn: EpsFn, fake_eps_fn: EpsFn, x0: jax.Array,
     """
     aa, bb = _coeffs(t, alphas_cumprod)
     x_t = aa * x0 + bb * noise
-    tf = t.astype(jnp.float32)
-    sg_x = (x_t - bb * fake_eps_fn(x_t, tf)) / aa
-    p_x = (x_t - bb * teacher_eps_fn(x_t, tf)) / aa
+    tf, abar = t.astype(jnp.float32), jnp.asarray(alphas_cumprod, jnp.float32)[t]
+    sg_x = eps_to_x0(x_t, fake_eps_fn(x_t, tf), abar)
+    p_x = eps_to_x0(x_t, teacher_eps_fn(x_t, tf), abar)
     if diffinst:
         sg_x, p_x = jax.lax.stop_gradient(sg_x), jax.lax.stop_gradient(p_x)
     p_x, sg_x, x0 = p_x.astype(jnp.float32), sg_x.astype(jnp.float32), x0.astype(jnp.float32)

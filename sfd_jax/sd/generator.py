@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfd_jax.sd.scheduler import add_noise, guided, pred_original_sample
+
 
 def step_timesteps(t_init: int, num_steps: int) -> list[int]:
     """The generator's timesteps: floor(t_init·(1 − i/k)) for i < k (integer arithmetic, as the original)."""
@@ -41,7 +43,6 @@ def generate_latents(unet, params, z: jax.Array, text_emb: jax.Array, alphas_cum
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
     d = jnp.zeros_like(z, jnp.float32)
     for i, t in enumerate(step_timesteps(int(t_init), int(num_steps))):
-        a = ac[t]
         if i == 0:
             e = z.astype(jnp.float32)
         elif noise is not None:
@@ -50,9 +51,9 @@ def generate_latents(unet, params, z: jax.Array, text_emb: jax.Array, alphas_cum
             if key is None:
                 raise ValueError("num_steps > 1 needs a key (or explicit noise) for the re-noising")
             e = jax.random.normal(jax.random.fold_in(key, i), z.shape, jnp.float32)
-        x_t = jnp.sqrt(a) * d + jnp.sqrt(1.0 - a) * e
+        x_t = add_noise(d, e, t, ac)
         eps = unet_eps(unet, params, x_t, t, text_emb)
-        d = (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+        d = pred_original_sample(eps, x_t, t, ac)
     return d
 
 
@@ -66,5 +67,4 @@ def cfg_guided_eps(unet, params, x_t: jax.Array, t: jax.Array, cond: jax.Array, 
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32).reshape(-1), (b,))
     out = unet_eps(unet, params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                    jnp.concatenate([uncond, cond]))
-    e_u, e_c = out[:b], out[b:]
-    return e_u + scale * (e_c - e_u)
+    return guided(out[:b], out[b:], scale)
