@@ -4,9 +4,9 @@ Written independently from a description of the original release (README: "The o
 differences" › DDPM network, DDPM distillation), not from the original code.  It needs only torch and numpy.
 
 Contents
-- ``RefConditionalModel`` (defined in :mod:`sfd_jax.ddpm.torch_bench`, re-exported here): the class-conditional UNet (NCHW), with the original
-  ``state_dict`` names, so that its weights can be fed to the checkpoint converter and its outputs
-  compared with the Flax model.
+- ``RefConditionalModel`` (defined in :mod:`sfd_jax.ddpm.torch_unet`, re-exported here): the class-conditional UNet
+  (NCHW), with the original ``state_dict`` names, so that its weights can be fed to the checkpoint converter and its
+  outputs compared with the Flax model.
 - ``ref_get_beta_schedule`` / ``ref_alphas_cumprod``: the noise schedules.
 - ``ref_seq``, ``ref_one_step``, ``ref_ddim``, ``ref_ddpm``: the samplers of sections 1.5 and 1.7.
 - ``count_params`` and the model kwargs ``CIFAR10_KW`` / ``STL10_KW`` of the shipped configs.
@@ -60,13 +60,13 @@ STL10_KW = dict(CIFAR10_KW, ch_mult=(1, 2, 2, 2, 4), resolution=64)
 
 
 # The UNet (and its blocks) lives in the package, where ``python -m sfd_jax.bench --compare=torch`` uses it too.
-from sfd_jax.ddpm.torch_bench import (  # noqa: E402,F401
+from sfd_jax.ddpm.torch_unet import (  # noqa: E402,F401
     AttnBlock,
     Downsample,
+    EmbedMLP,
     RefConditionalModel,
     ResnetBlock,
     Upsample,
-    _EmbedMLP,
     count_params,
     normalize,
     ref_timestep_embedding,

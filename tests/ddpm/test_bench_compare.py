@@ -9,6 +9,7 @@ from tests.conftest import load_config
 torch = pytest.importorskip("torch")
 
 from sfd_jax.ddpm import torch_bench as bench_torch  # noqa: E402
+from sfd_jax.ddpm import torch_unet  # noqa: E402
 from sfd_jax.ddpm import diffusion
 from sfd_jax.perf import apply_cpu_xla_flags  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_torch_pretrain_iteration():
 def test_torch_model_has_our_parameter_count():
     from sfd_jax.models.ddpm_unet import ConditionalUNet, count_params
     cfg = load_config("cifar10_sfd")
-    assert bench_torch.count_params(bench_torch.RefConditionalModel(**bench_torch.model_kwargs(cfg))) == \
+    assert torch_unet.count_params(torch_unet.RefConditionalModel(**torch_unet.model_kwargs(cfg))) == \
         count_params(ConditionalUNet.from_config(cfg).init_params(__import__("jax").random.key(0)))
 
 
