@@ -60,7 +60,8 @@ def generate_latents(unet, params, z: jax.Array, text_emb: jax.Array, alphas_cum
 def cfg_guided_eps(unet, params, x_t: jax.Array, t: jax.Array, cond: jax.Array, uncond: jax.Array | None,
                    scale: float) -> jax.Array:
     """ε with SD guidance: scale == 1 -> ε(cond); else ε_u + scale·(ε_c − ε_u) from one batch of 2B
-    ([uncond; cond], as the original). ``uncond`` [B,77,D]: the "" embedding or negative prompts."""
+    ([uncond; cond], as the original). ``uncond`` [B,77,D]: the "" embedding or negative prompts. For a
+    v-prediction UNet the same combination of its outputs (diffusers guides the raw output either way)."""
     if float(scale) == 1.0:
         return unet_eps(unet, params, x_t, t, cond)
     b = x_t.shape[0]

@@ -45,7 +45,8 @@ def make_sampler(comps, *, steps: int, guidance: float, clip_skip: int = 0):
 
     from sfd_jax.models.clip_text import text_embeddings
     from sfd_jax.models.vae import decode_latents
-    from sfd_jax.sd.scheduler import ddim_sample, guided
+    from sfd_jax.sd.generator import cfg_guided_eps
+    from sfd_jax.sd.scheduler import ddim_sample
 
     unet, vae, te, schedule = comps.unet, comps.vae, comps.text_encoder, comps.schedule
 
@@ -54,14 +55,10 @@ def make_sampler(comps, *, steps: int, guidance: float, clip_skip: int = 0):
         cond = text_embeddings(te, te_params, cond_ids, clip_skip)
         uncond = text_embeddings(te, te_params, uncond_ids, clip_skip)
         cond_b = jnp.broadcast_to(cond, (b,) + cond.shape[1:])
-        both = jnp.concatenate([jnp.broadcast_to(uncond, cond_b.shape), cond_b], axis=0)
+        uncond_b = jnp.broadcast_to(uncond, cond_b.shape)
 
         def model_fn(x, t):
-            if guidance == 1.0:
-                return unet.apply({"params": unet_params}, x, t, cond_b)
-            out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-            out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
-            return guided(out_u, out_c, guidance)
+            return cfg_guided_eps(unet, unet_params, x, t, cond_b, uncond_b, guidance)
 
         latents = ddim_sample(model_fn, noise, schedule, steps)
         return decode_latents(vae, vae_params, latents)
