@@ -58,23 +58,17 @@ class TeacherSampler(_Batched):
         super().__init__(comps, mesh, tokenize=tokenize, latent_shape=latent_shape, batch=batch)
         from sfd_jax.models.clip_text import text_embeddings
         from sfd_jax.models.vae import decode_latents
-        from sfd_jax.sd.scheduler import ddim_sample, guided
+        from sfd_jax.sd.generator import cfg_guided_eps
+        from sfd_jax.sd.scheduler import ddim_sample
         unet, vae, te, schedule = comps.unet, comps.vae, comps.text_encoder, comps.schedule
         empty = jnp.asarray(tokenize([""]))
 
         def fn(unet_p, vae_p, te_p, noise, ids, seed):
             cond = text_embeddings(te, te_p, ids)
             uncond = jnp.broadcast_to(text_embeddings(te, te_p, empty), cond.shape)
-            both = jnp.concatenate([uncond, cond])
-
-            def model_fn(x, t):
-                if guidance == 1.0:
-                    return unet.apply({"params": unet_p}, x, t, cond)
-                out = unet.apply({"params": unet_p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-                out_u, out_c = jnp.split(out.astype(jnp.float32), 2)
-                return guided(out_u, out_c, guidance)
-
-            return decode_latents(vae, vae_p, ddim_sample(model_fn, noise, schedule, steps))
+            latents = ddim_sample(lambda x, t: cfg_guided_eps(unet, unet_p, x, t, cond, uncond, guidance), noise,
+                                  schedule, steps)
+            return decode_latents(vae, vae_p, latents)
 
         self._fn = jax.jit(fn)
 
