@@ -37,9 +37,9 @@ DATA_USED = {
     "salun": "real remain + real forget",
     "esd": "none (self-generated trajectories)",
 }
-# Raw weights for the fine-tuned networks (a short run's EMA still holds much of the teacher), EMA for the
-# networks trained as long as the teacher.
-WEIGHTS = {"teacher": "ema", "sfd": "raw", "retrain": "ema", "sa": "raw", "salun": "raw", "esd": "raw"}
+# Raw weights for every network trained here: a short run's EMA still holds much of its start (the teacher, or
+# for retrain the random initialisation); the teacher's EMA.
+WEIGHTS = {"teacher": "ema", "sfd": "raw", "retrain": "raw", "sa": "raw", "salun": "raw", "esd": "raw"}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -59,19 +59,22 @@ def _run_steps(out, teacher, artifacts, devices, *args):
 @pytest.mark.slow
 def test_every_baseline_step_is_the_same_on_1_and_8_devices(tmp_path, teacher, artifacts):
     """retrain, sa_fim (6 one-chunk steps: a whole sample and the next one's first chunk), sa, salun_mask, salun,
-    esd: metrics to rtol 1e-5, parameters to 1e-5, accumulated gradients and Adam moments relative to their
-    largest element (sums over the batch reduced in another order)."""
+    esd: metrics to rtol 1e-5, parameters to 1e-5, accumulated gradients and Adam moments to 1e-4 of the largest
+    element of their kind (sums over the batch reduced in another order; some gradients are zero up to rounding)."""
     _run_steps(tmp_path / "one", teacher, artifacts, 1, "--steps=6")
     _run_steps(tmp_path / "eight", teacher, artifacts, 8, "--steps=6", "--data=2", "--fsdp=4")
+    def kind(key):   # statistics of gradients, compared relative to the largest element of their kind
+        return next((s for s in (".mu", ".nu", ".acc", ".partial") if s in key), None)
     for mode in ("retrain", "sa_fim", "sa", "salun_mask", "salun", "esd"):
         a, b = np.load(tmp_path / f"one_{mode}.npz"), np.load(tmp_path / f"eight_{mode}.npz")
         assert int(b["n_devices"]) == 8
         np.testing.assert_allclose(a["metrics"], b["metrics"], rtol=1e-5, atol=1e-6, err_msg=mode)
-        for k in a.files:
-            if not k.startswith("leaf"):
-                continue
-            relative = any(s in k for s in (".mu", ".nu", ".acc", ".partial"))
-            tol = 1e-4 * max(float(np.abs(a[k]).max()), 1e-12) if relative else 1e-5
+        leaves = [k for k in a.files if k.startswith("leaf")]
+        scale = {kind(k): 0.0 for k in leaves}
+        for k in leaves:
+            scale[kind(k)] = max(scale[kind(k)], float(np.abs(a[k]).max()))
+        for k in leaves:
+            tol = 1e-4 * scale[kind(k)] if kind(k) else 1e-5
             assert np.abs(a[k] - b[k]).max() <= tol, (mode, k, np.abs(a[k] - b[k]).max())
 
 
