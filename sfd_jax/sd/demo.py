@@ -199,8 +199,9 @@ def resolve_concepts(data, forget: str | None, override: str | None) -> tuple[in
 
 def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: str | None = None,
                 templates: str | None = None, forget: str | None = None, override: str | None = None,
-                fast: bool = False) -> dict:
-    """Run (or reuse) every stage in ``workdir`` (module docstring); returns the report (also report.json)."""
+                fast: bool = False, compile_cache: bool = True) -> dict:
+    """Run (or reuse) every stage in ``workdir`` (module docstring); returns the report (also report.json).
+    ``compile_cache``: keep JAX's compilation cache in ``WORKDIR/.jax_cache`` unless one is configured already."""
     from sfd_jax.data.captions import load_world_data
     from sfd_jax.ddpm.demo import StageLog, _banner
     from sfd_jax.sd.pretrain import SDPretrainTrainer
@@ -210,7 +211,7 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
     t_start = time.perf_counter()
     s = FAST if fast else SDDemoSettings()
     import jax
-    if not jax.config.jax_compilation_cache_dir:   # a rerun (another concept pair) compiles nothing again
+    if compile_cache and not jax.config.jax_compilation_cache_dir:   # a rerun (another pair) compiles nothing again
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
     try:
         train = load_world_data(data, class_names, templates, split="train")
