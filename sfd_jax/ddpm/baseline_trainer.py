@@ -5,7 +5,8 @@ Networks train in a :class:`PretrainState` (items ``model``, ``ema``, ``opt``), 
 a baseline's checkpoint as they read a pretrained DDPM (multi-step DDIM, guidance by ``--cond_scale``). The frozen
 copy (Selective Amnesia's θ*, ESD's θ₀) is re-read from ``init_checkpoint`` on every start, never checkpointed.
 The artifact modes accumulate in an :class:`AccumState` (item ``acc``; the Fisher pass's :class:`FisherState` adds
-``partial``) over a fixed pass of samples — one checkpointable unit of work per step, resumed exactly — and write their artifact when the pass is complete:
+``partial``) over a fixed pass of samples — one checkpointable unit of work per step, resumed exactly — and
+write their artifact when the pass is complete:
 ``sa_fim`` -> ``WORKDIR/replay.npz`` (before the pass) and ``WORKDIR/fisher.npz``; ``salun_mask`` ->
 ``WORKDIR/mask.npz``.
 """

@@ -181,8 +181,10 @@ def test_cifar10_baseline_recipes_run_two_steps_with_a_reduced_model(tmp_path):
     runs = [("retrain", "cifar10_retrain.py", ["--config.training.batch_size=4", *data]),
             ("sa_fim", "cifar10_sa.py:fim", ["--config.unlearn.n_replay_per_class=1", "--config.unlearn.replay_steps=2",
                                              "--config.unlearn.fisher_n_samples=2",
-                                             "--config.unlearn.fisher_timestep_stride=100", "--config.unlearn.n_chunks=1"]),
-            ("sa", "cifar10_sa.py", ["--config.training.batch_size=4", f"--config.unlearn.fisher_path={tmp_path / 'sa_fim'}"]),
+                                             "--config.unlearn.fisher_timestep_stride=100",
+                                             "--config.unlearn.n_chunks=1"]),
+            ("sa", "cifar10_sa.py", ["--config.training.batch_size=4",
+                                     f"--config.unlearn.fisher_path={tmp_path / 'sa_fim'}"]),
             ("salun_mask", "cifar10_salun.py:mask", ["--config.training.batch_size=4", *data]),
             ("salun", "cifar10_salun.py", ["--config.training.batch_size=4", *data,
                                            f"--config.unlearn.mask_path={tmp_path / 'salun_mask'}"]),
@@ -209,7 +211,8 @@ def test_cifar10_baseline_recipes_run_two_steps_with_a_reduced_model(tmp_path):
                     "--cond_scale=2", "--n_per_class=1", f"--out={tmp_path / (name + '.npz')}")
         assert s.returncode == 0, (name, s.stderr[-2000:])
         assert np.load(tmp_path / (name + ".npz"))["images"].shape == (10, 16, 16, 3)
-        e = run_cli("sfd_jax.evaluate", "forgetting", f"--checkpoint={tmp_path / name}", f"--classifier={tmp_path / 'clf'}",
+        e = run_cli("sfd_jax.evaluate", "forgetting", f"--checkpoint={tmp_path / name}",
+                    f"--classifier={tmp_path / 'clf'}",
                     "--sampler=ddim", "--steps=2", "--cond_scale=2", "--n_per_class=2", "--forget=0",
                     f"--out={tmp_path / (name + '_ua.json')}")
         assert e.returncode == 0, (name, e.stderr[-2000:])

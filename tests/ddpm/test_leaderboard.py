@@ -38,7 +38,8 @@ def test_fast_leaderboard_writes_every_output_and_reuses_its_stages(tmp_path):
             assert (np.bincount(z["labels"]) == 100).all()
     md = open(wd / "leaderboard.md").read()
     assert "| salun |" in md and "forgotten digit recognised" in md
-    assert {"sa_fim_forget3", "sa_forget3", "salun_mask_forget3", "esd_forget3", "retrain_forget3"} <= set(os.listdir(wd))
+    runs = {"sa_fim_forget3", "sa_forget3", "salun_mask_forget3", "esd_forget3", "retrain_forget3"}
+    assert runs <= set(os.listdir(wd))
     again = run_cli("sfd_jax.demo", *args)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("sa_fim_forget3", "salun_forget3", "esd_forget3", "retrain_forget3", "samples_esd"):
