@@ -192,13 +192,10 @@ def sample_stage(name: str, out_path: str, ckpt_dir: str, weights: str, sampler_
                  log: StageLog, progress: bool):
     """Draw ``s.n_per_class`` samples per class and write ``out_path`` (images uint8 NHWC, labels)."""
     import numpy as np
-    from sfd_jax.ddpm import diffusion
-    from sfd_jax.ddpm.networks import load_network, t_init_of
-    from sfd_jax.ddpm.generate import DDPMSampler, generate
-    from sfd_jax.image_io import to_uint8
-    from sfd_jax.models.ddpm_unet import ConditionalUNet
 
     from sfd_jax.checkpoint import Checkpointer, resolve_checkpoint_dir
+    from sfd_jax.ddpm.sampling import CheckpointSampler
+    from sfd_jax.image_io import to_uint8
     directory, step = resolve_checkpoint_dir(ckpt_dir)
     step = Checkpointer(directory).latest_step() if step is None else step
     key = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "weights": weights, "sampler": sampler_kw,
@@ -209,15 +206,9 @@ def sample_stage(name: str, out_path: str, ckpt_dir: str, weights: str, sampler_
         with np.load(out_path) as z:
             return z["images"], z["labels"]
     t0 = time.perf_counter()
-    net = load_network(ckpt_dir, weights=weights)
-    cfg = net.config
-    model = ConditionalUNet.from_config(cfg)
-    _, ac = diffusion.schedule_from_config(cfg)
-    sampler = DDPMSampler(model, ac, t_init=t_init_of(cfg), **sampler_kw)
     labels = _labels(s.n_per_class)
-    shape = (cfg.data.image_size, cfg.data.image_size, cfg.model.in_channels)
-    images = to_uint8(generate(sampler, net.params, labels, image_shape=shape, batch_size=s.sample_batch,
-                               seed=s.sample_seed, progress=progress))
+    images = to_uint8(CheckpointSampler(ckpt_dir, weights=weights, **sampler_kw).sample(
+        labels, batch_size=s.sample_batch, seed=s.sample_seed, progress=progress))
     np.savez_compressed(out_path, images=images, labels=labels)
     log.record(name, key, time.perf_counter() - t0)
     return images, labels
