@@ -11,7 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
+from sfd_jax import demo_stages as stages
 from sfd_jax.cli_utils import UsageError
+from sfd_jax.demo_stages import StageLog, banner
 
 
 # What the demo's default run must reach (issue 4).
@@ -67,7 +69,8 @@ def load_recipe(name: str):
     return mod.get_config()
 
 
-def _shrink(c, n_iters: int, batch: int) -> None:
+def shrink_config(c, n_iters: int, batch: int) -> None:
+    """A DDPM recipe shrunk for --fast runs: a one-level UNet, ``n_iters`` steps of ``batch``."""
     c.model.ch_mult, c.model.num_res_blocks, c.model.attn_resolutions = (1,), 1, ()
     c.training.n_iters, c.training.batch_size = n_iters, batch
     c.training.snapshot_freq, c.training.log_freq = n_iters, 1
@@ -78,7 +81,7 @@ def _shrink(c, n_iters: int, batch: int) -> None:
 def teacher_config(fast: bool = False):
     c = load_recipe("digits_pretrain")
     if fast:
-        _shrink(c, n_iters=3, batch=16)
+        shrink_config(c, n_iters=3, batch=16)
         c.sampling.grid_steps = 2
     return c
 
@@ -90,69 +93,19 @@ def sfd_config(teacher_dir: str, forget: int, fast: bool = False):
     if c.distill.label_to_override is not None and int(c.distill.label_to_override) == int(forget):
         c.distill.label_to_override = None    # forgetting the override digit itself: random other digits ('rand')
     if fast:
-        _shrink(c, n_iters=2, batch=8)
+        shrink_config(c, n_iters=2, batch=8)
     return c
 
 
 # -------------------------------------------------------------------------------------------------- stages
-class StageLog:
-    """``WORKDIR/demo_state.json``: per finished stage, its key settings and how long it took when it ran."""
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "demo_state.json")
-        self.data = json.load(open(self.path)) if os.path.exists(self.path) else {}
-        self.this_run: dict[str, dict] = {}
-        import threading
-        self._lock = threading.Lock()   # the classifier stage records from its own thread
-
-    def done(self, stage: str, key) -> bool:
-        entry = self.data.get(stage)
-        return entry is not None and entry.get("key") == _plain(key)
-
-    def record(self, stage: str, key, seconds: float, reused: bool = False) -> None:
-        with self._lock:
-            self._record(stage, key, seconds, reused)
-
-    def _record(self, stage: str, key, seconds: float, reused: bool) -> None:
-        if not reused:
-            self.data[stage] = {"key": _plain(key), "seconds": round(seconds, 2)}
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=2, sort_keys=True)
-            os.replace(tmp, self.path)
-        self.this_run[stage] = {"seconds": round(seconds, 2), "reused": reused,
-                                "seconds_when_run": self.data.get(stage, {}).get("seconds")}
-
-
-def _plain(v):
-    if hasattr(v, "to_dict"):
-        v = v.to_dict()
-    return json.loads(json.dumps(v, default=str, sort_keys=True))
-
-
-def _banner(text: str) -> None:
-    print(f"\n=== {text}", flush=True)
-
-
 def train_stage(config, workdir: str, name: str, log: StageLog) -> None:
-    """Run (or resume, or skip) a training run of ``config`` in ``workdir``."""
-    from sfd_jax.checkpoint import Checkpointer
+    """Run (or resume, or skip) a DDPM training run (pretraining or SFD) of ``config`` in ``workdir``."""
     from sfd_jax.ddpm.trainer import Trainer  # not sfd_jax.train: its module defines absl flags of its own
-    n_iters = int(config.training.n_iters)
-    latest = (Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
-              if os.path.isdir(os.path.join(workdir, "checkpoints")) else None)
-    if latest is not None and latest >= n_iters and log.done(name, config):
-        print(f"{name}: reusing {workdir} (step {latest})", flush=True)
-        log.record(name, config, 0.0, reused=True)
-        return
-    if latest is not None:
-        print(f"{name}: resuming {workdir} from step {latest}", flush=True)
-    t0 = time.perf_counter()
-    Trainer(config, workdir).run()
-    log.record(name, config, time.perf_counter() - t0)
+    stages.train_stage(name, lambda: Trainer(config, workdir).run(), config, workdir, log,
+                       total=int(config.training.n_iters))
 
 
-def classifier_stage(out_dir: str, s: DemoSettings, log: StageLog, progress: bool):
+def classifier_stage(out_dir: str, s: DemoSettings, log: StageLog, progress: bool, stop=None):
     """Train (or load) the demo's CNN on the digits train split; held-out accuracy on the test split."""
     from sfd_jax.data import load_dataset
     from sfd_jax.eval.classifier_train import TrainConfig, load_classifier, save_classifier, train_classifier
@@ -172,7 +125,7 @@ def classifier_stage(out_dir: str, s: DemoSettings, log: StageLog, progress: boo
     t0 = time.perf_counter()
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
     variables, hist = train_classifier(cfg, train.images, train.labels, test.images, test.labels, tcfg=tcfg,
-                                       progress=progress)
+                                       progress=progress, stop=stop)
     meta = {"dataset": "digits", "split": "train", "held_out": "split 'test'", "n_train": int(len(train)),
             "n_held_out": int(len(test)), "held_out_accuracy": hist["test_acc"][-1],
             "train_accuracy": hist["train_acc"][-1], "train_loss": hist["train_loss"][-1],
@@ -350,31 +303,19 @@ def run_demo(workdir: str = "demo_out", forget: int = 0, *, fast: bool = False, 
 
     # The evaluation classifier does not depend on the teacher or SFD runs: train it in a background thread
     # meanwhile (JAX releases the GIL while it computes), on the core time the small UNet's step leaves idle.
-    clf_box: dict = {}
-
-    def _classifier():
-        try:
-            clf_box["clf"] = classifier_stage(os.path.join(workdir, "classifier"), s, log, progress=False)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            clf_box["error"] = e
-
-    import threading
-    clf_thread = threading.Thread(target=_classifier, name="demo-classifier", daemon=True)
-    clf_thread.start()
-    _banner(f"1/4 teacher: class-conditional DDPM on 8x8 digits, {t_cfg.training.n_iters} steps "
-            f"of batch {t_cfg.training.batch_size} (the evaluation classifier trains alongside)")
-    train_stage(t_cfg, teacher_dir, "teacher", log)
-    _banner(f"2/4 SFD: one-step generator forgetting digit {forget}, {s_cfg.training.n_iters} steps "
-            f"of batch {s_cfg.training.batch_size}")
-    train_stage(s_cfg, sfd_dir, f"sfd_forget{forget}", log)
-    _banner("3/4 evaluation classifier on the digits train split")
-    clf_thread.join()
-    if "error" in clf_box:
-        raise clf_box["error"]
-    clf = clf_box["clf"]
+    with stages.BackgroundStage(lambda stop: classifier_stage(os.path.join(workdir, "classifier"), s, log,
+                                                              progress=False, stop=stop), "demo-classifier") as job:
+        banner(f"1/4 teacher: class-conditional DDPM on 8x8 digits, {t_cfg.training.n_iters} steps "
+               f"of batch {t_cfg.training.batch_size} (the evaluation classifier trains alongside)")
+        train_stage(t_cfg, teacher_dir, "teacher", log)
+        banner(f"2/4 SFD: one-step generator forgetting digit {forget}, {s_cfg.training.n_iters} steps "
+               f"of batch {s_cfg.training.batch_size}")
+        train_stage(s_cfg, sfd_dir, f"sfd_forget{forget}", log)
+        banner("3/4 evaluation classifier on the digits train split")
+        clf = job.result()
     print(f"classifier held-out accuracy: {clf.meta['held_out_accuracy']:.4f}", flush=True)
 
-    _banner(f"4/4 samples ({s.n_per_class} per class), evaluation and report")
+    banner(f"4/4 samples ({s.n_per_class} per class), evaluation and report")
     sp = t_cfg.sampling
     teacher_kw = dict(sampler=str(sp.grid_sampler), steps=int(sp.grid_steps), eta=0.0,
                       cond_scale=float(sp.grid_cond_scale))
@@ -400,11 +341,11 @@ def run_demo(workdir: str = "demo_out", forget: int = 0, *, fast: bool = False, 
         "n_per_class": s.n_per_class, "generator_weights": s.generator_weights, "sample_seed": s.sample_seed,
         "teacher_sampler": {**teacher_kw, "summary": f"{teacher_kw['sampler'].upper()} {teacher_kw['steps']} steps, "
                             f"eta 0, guidance s={teacher_kw['cond_scale']:g} ((1+s)·cond − s·uncond), EMA weights"},
-        "teacher": {"config": _plain(t_cfg), "summary": (
+        "teacher": {"config": stages.plain(t_cfg), "summary": (
             f"ch {t_cfg.model.ch}, ch_mult {tuple(t_cfg.model.ch_mult)}, {t_cfg.model.num_res_blocks} res block(s)"
             f"/level, attention at {tuple(t_cfg.model.attn_resolutions)}; {t_cfg.training.n_iters} steps, batch "
             f"{t_cfg.training.batch_size}, Adam lr {t_cfg.optim.lr:g}, EMA {t_cfg.model.ema_rate:g}")},
-        "sfd": {"config": _plain(s_cfg), "t_init": int(d.t_init), "summary": (
+        "sfd": {"config": stages.plain(s_cfg), "t_init": int(d.t_init), "summary": (
             f"{s_cfg.training.n_iters} steps, batch {s_cfg.training.batch_size}, lr G {s_cfg.g_optim.lr:g} / "
             f"fake score {s_cfg.sg_optim.lr:g}, forget coef G {d.g_forget_coef:g} / fake {d.sg_forget_coef:g}, "
             f"override {d.label_to_override if d.label_to_override is not None else d.pseudo_label_type}, "

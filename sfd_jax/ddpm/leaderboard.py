@@ -82,8 +82,8 @@ def method_configs(method: str, workdir: str, teacher_dir: str, forget: int, fas
 
 def _shrink_baseline(c) -> None:
     """--fast: the demo's tiny model and a few steps of every stage (numbers mean nothing)."""
-    from sfd_jax.ddpm.demo import _shrink
-    _shrink(c, n_iters=2, batch=8)
+    from sfd_jax.ddpm.demo import shrink_config
+    shrink_config(c, n_iters=2, batch=8)
     u = c.unlearn
     if "n_replay_per_class" in u:
         u.n_replay_per_class, u.replay_steps, u.fisher_n_samples = 2, 2, 2
@@ -95,22 +95,19 @@ def _shrink_baseline(c) -> None:
 
 
 def _train(name: str, config, run_dir: str, log) -> None:
-    """Run (or resume, or reuse) one stage; artifact stages are done when their artifact is written."""
-    from sfd_jax.checkpoint import Checkpointer
+    """Run (or resume, or reuse) one baseline stage; artifact stages are done when their artifact is written."""
     from sfd_jax.ddpm.baseline_trainer import BaselineTrainer
     from sfd_jax.ddpm.baselines import ARTIFACT_MODES
+    from sfd_jax.demo_stages import latest_step, train_stage
     artifact = {"sa_fim": "fisher.npz", "salun_mask": "mask.npz"}.get(config.mode)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    latest = Checkpointer(ckpts).latest_step() if os.path.isdir(ckpts) else None
-    finished = (os.path.exists(os.path.join(run_dir, artifact)) if config.mode in ARTIFACT_MODES
-                else latest is not None and latest >= int(config.training.n_iters))
-    if finished and log.done(name, config):
-        print(f"{name}: reusing {run_dir}", flush=True)
-        log.record(name, config, 0.0, reused=True)
-        return
-    t0 = time.perf_counter()
-    BaselineTrainer(config, run_dir).run()
-    log.record(name, config, time.perf_counter() - t0)
+
+    def finished() -> bool:
+        if config.mode in ARTIFACT_MODES:
+            return os.path.exists(os.path.join(run_dir, artifact))
+        latest = latest_step(run_dir)
+        return latest is not None and latest >= int(config.training.n_iters)
+
+    train_stage(name, lambda: BaselineTrainer(config, run_dir).run(), config, run_dir, log, finished=finished)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -176,7 +173,7 @@ def run_leaderboard(workdir: str = "demo_out", forget: int = 0, methods=METHODS,
     log = demo.StageLog(workdir)
     t_cfg = demo.teacher_config(fast)
     teacher_dir = os.path.join(workdir, "teacher")
-    demo._banner("teacher and evaluation classifier")
+    demo.banner("teacher and evaluation classifier")
     demo.train_stage(t_cfg, teacher_dir, "teacher", log)
     clf = demo.classifier_stage(os.path.join(workdir, "classifier"), s, log, progress)
 
@@ -189,7 +186,7 @@ def run_leaderboard(workdir: str = "demo_out", forget: int = 0, methods=METHODS,
                                      WEIGHTS["teacher"], ddim, s, log, progress)
     rows = [method_row("teacher", clf, imgs, labels, forget, real_remain, ddim_nfe, log.data["teacher"]["seconds"])]
     for method in methods:
-        demo._banner(f"{method}: forgetting digit {forget}")
+        demo.banner(f"{method}: forgetting digit {forget}")
         stages = method_configs(method, workdir, teacher_dir, forget, fast)
         for name, cfg, run_dir in stages:
             if method == "sfd":

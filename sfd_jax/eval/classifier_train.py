@@ -17,6 +17,7 @@ facts (dataset, held-out accuracy, epochs, ...). ``OUT/classifier.json`` repeats
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -129,8 +130,10 @@ def accuracy(config: ClassifierConfig, variables, images: np.ndarray, labels: np
 
 def train_classifier(config: ClassifierConfig, train_images: np.ndarray, train_labels: np.ndarray,
                      test_images: np.ndarray | None = None, test_labels: np.ndarray | None = None, *,
-                     tcfg: TrainConfig = TrainConfig(), mesh=None, progress: bool = True) -> tuple[dict, dict]:
-    """Train from scratch on uint8 images [N, H, W, C] with int labels [N].
+                     tcfg: TrainConfig = TrainConfig(), mesh=None, progress: bool = True,
+                     stop=None) -> tuple[dict, dict]:
+    """Train from scratch on uint8 images [N, H, W, C] with int labels [N]. ``stop``: an optional
+    :class:`threading.Event`; once set, the next step raises ``concurrent.futures.CancelledError``.
 
     Returns (variables, history) where history has per-epoch ``train_loss``, ``train_acc`` and ``test_acc``
     (the held-out accuracy, when test data is given) and ``steps``.
@@ -189,6 +192,9 @@ def train_classifier(config: ClassifierConfig, train_images: np.ndarray, train_l
         perm = rng.permutation(n)
         losses, accs = [], []
         for i in range(steps_per_epoch):
+            if stop is not None and stop.is_set():
+                bar.close()
+                raise concurrent.futures.CancelledError("classifier training stopped")
             idx = np.sort(perm[i * bs:(i + 1) * bs])
             state, m = step_fn(state, train_images[idx], train_labels[idx])
             losses.append(m["loss"])

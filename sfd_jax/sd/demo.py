@@ -28,12 +28,12 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 
 import numpy as np
 
 from sfd_jax.cli_utils import UsageError
+from sfd_jax.demo_stages import BackgroundStage, StageLog, banner
 from sfd_jax.sd.demo_report import build_report, recognition, report_markdown, save_concept_grid
 
 @dataclasses.dataclass(frozen=True)
@@ -124,19 +124,11 @@ def sfd_config(variant: str, world: str, prompts: dict, data, forget: int, overr
 
 def train_stage(name: str, trainer_cls, config, workdir: str, total: int, log) -> None:
     """Run, resume or reuse a training run of ``config`` in ``workdir`` (``total`` = its number of steps)."""
-    from sfd_jax.checkpoint import Checkpointer
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    latest = Checkpointer(ckpt_dir).latest_step() if os.path.isdir(ckpt_dir) else None
-    if latest is not None and latest >= total and log.done(name, config):
-        print(f"{name}: reusing {workdir} (step {latest})", flush=True)
-        log.record(name, config, 0.0, reused=True)
-        return
-    t0 = time.perf_counter()
-    trainer_cls(config, workdir).run()
-    log.record(name, config, time.perf_counter() - t0)
+    from sfd_jax.demo_stages import train_stage as run_stage
+    run_stage(name, lambda: trainer_cls(config, workdir).run(), config, workdir, log, total=total)
 
 
-def classifier_stage(out_dir: str, data, held_out, s: SDDemoSettings, log):
+def classifier_stage(out_dir: str, data, held_out, s: SDDemoSettings, log, stop=None):
     """The evaluation CNN on ``data``'s images (held-out accuracy on ``held_out``)."""
     from sfd_jax.eval.classifier_train import TrainConfig, load_classifier, save_classifier, train_classifier
     from sfd_jax.models.classifier import ClassifierConfig
@@ -151,7 +143,7 @@ def classifier_stage(out_dir: str, data, held_out, s: SDDemoSettings, log):
         shutil.rmtree(out_dir)
     t0 = time.perf_counter()
     variables, hist = train_classifier(cfg, data.dataset.images, data.dataset.labels, held_out.images,
-                                       held_out.labels, tcfg=tcfg, progress=False)
+                                       held_out.labels, tcfg=tcfg, progress=False, stop=stop)
     meta = {"held_out_accuracy": hist["test_acc"][-1], "train_accuracy": hist["train_acc"][-1],
             "n_train": int(len(data.dataset)), "n_held_out": int(len(held_out)), "steps": hist["steps"]}
     save_classifier(out_dir, variables, cfg, meta, step=hist["steps"])
@@ -203,10 +195,6 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
     """Run (or reuse) every stage in ``workdir`` (module docstring); returns the report (also report.json).
     ``compile_cache``: keep JAX's compilation cache in ``WORKDIR/.jax_cache`` unless one is configured already."""
     from sfd_jax.data.captions import load_world_data
-    from sfd_jax.ddpm.demo import StageLog, _banner
-    from sfd_jax.sd.pretrain import SDPretrainTrainer
-    from sfd_jax.sd.trainer import SDTrainer
-    from sfd_jax.sd.world import VAETraining, build_world_base
 
     t_start = time.perf_counter()
     s = FAST if fast else SDDemoSettings()
@@ -230,35 +218,52 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
     spec = {"data": os.path.abspath(data) if os.path.isfile(data) else data,
             "class_names": os.path.abspath(class_names) if class_names else "",
             "templates": os.path.abspath(templates) if templates else ""}
-    clf_box: dict = {}
+    job = BackgroundStage(lambda stop: classifier_stage(os.path.join(workdir, "classifier"), train, held, s, log,
+                                                        stop=stop), "sd-demo-classifier")
+    with job:
+        clf = _train_stages(workdir, spec, train, held, k, o, s, log, job)
+    print(f"classifier held-out accuracy: {clf.meta['held_out_accuracy']:.4f}", flush=True)
 
-    def _classifier():
-        try:
-            clf_box["clf"] = classifier_stage(os.path.join(workdir, "classifier"), train, held, s, log)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            clf_box["error"] = e
+    banner(f"6/6 samples ({s.n_per_class} per concept), evaluation and report")
+    world_dir, student_dir = os.path.join(workdir, "world"), os.path.join(workdir, "student")
+    forget_dir = os.path.join(workdir, f"forget_{_pair(train, k, o)}")
+    world = json.load(open(os.path.join(workdir, "world_base", "world.json")))
+    rates = _sample_all(workdir, world_dir, student_dir, forget_dir, train, s, log, clf)
+    report = build_report(train, k, o, clf, world, rates, log, time.perf_counter() - t_start, s)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(report_markdown(report))
+    print("\n" + report_markdown(report), flush=True)
+    return report
 
-    clf_thread = threading.Thread(target=_classifier, name="sd-demo-classifier", daemon=True)
-    clf_thread.start()
 
-    _banner(f"1/6 world: VAE ({s.vae_steps} steps) and text encoder for {len(train.dataset)} images, "
-            f"{train.n_classes} concepts")
+def _pair(train, k: int, o: int) -> str:
+    return f"{_slug(train.class_names[k])}_to_{_slug(train.class_names[o])}"
+
+
+def _train_stages(workdir, spec, train, held, k, o, s, log, job):
+    """Stages 1-5 (world, teacher + export, student, forgetting, then the background classifier's result)."""
+    from sfd_jax.sd.pretrain import SDPretrainTrainer
+    from sfd_jax.sd.trainer import SDTrainer
+    from sfd_jax.sd.world import VAETraining, build_world_base
+    banner(f"1/6 world: VAE ({s.vae_steps} steps) and text encoder for {len(train.dataset)} images, "
+           f"{train.n_classes} concepts")
     base = os.path.join(workdir, "world_base")
     vae_s = VAETraining(steps=s.vae_steps)
     world_key = {**spec, "vae": dataclasses.asdict(vae_s), "shape": list(train.dataset.image_shape)}
     if log.done("world", world_key) and os.path.isfile(os.path.join(base, "world.json")):
-        world = json.load(open(os.path.join(base, "world.json")))
         log.record("world", world_key, 0.0, reused=True)
     else:
         t0 = time.perf_counter()
         if os.path.isdir(base):
             shutil.rmtree(base)
-        world = build_world_base(base, train, held_out=held.images, vae_training=vae_s)
+        build_world_base(base, train, held_out=held.images, vae_training=vae_s)
         log.record("world", world_key, time.perf_counter() - t0)
 
     t_cfg = teacher_config(base, spec, s)
-    _banner(f"2/6 teacher: text-to-image training, {t_cfg.training.n_iters} steps of batch {t_cfg.training.batch}"
-            " (the evaluation classifier trains alongside)")
+    banner(f"2/6 teacher: text-to-image training, {t_cfg.training.n_iters} steps of batch {t_cfg.training.batch}"
+           " (the evaluation classifier trains alongside)")
     teacher_dir, world_dir = os.path.join(workdir, "teacher"), os.path.join(workdir, "world")
     train_stage("teacher", SDPretrainTrainer, t_cfg, teacher_dir, int(t_cfg.training.n_iters), log)
     if not log.done("export", t_cfg) or not os.path.isfile(os.path.join(world_dir, "model_index.json")):
@@ -271,33 +276,19 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
 
     prompts = write_prompt_files(os.path.join(workdir, "prompts"), train, k)
     st_cfg = sfd_config("student", world_dir, prompts, train, k, o, s)
-    _banner(f"3/6 student: one-step SiD distillation, {st_cfg.training.duration_kimg} kimg of batch "
-            f"{st_cfg.training.batch}")
+    banner(f"3/6 student: one-step SiD distillation, {st_cfg.training.duration_kimg} kimg of batch "
+           f"{st_cfg.training.batch}")
     student_dir = os.path.join(workdir, "student")
     train_stage("student", SDTrainer, st_cfg, student_dir, _sd_steps(st_cfg), log)
     f_cfg = sfd_config("forget", world_dir, prompts, train, k, o, s, generator_init=student_dir)
-    _banner(f"4/6 forgetting {train.class_names[k]!r} -> {train.class_names[o]!r}: {f_cfg.training.duration_kimg} "
-            f"kimg of batch {f_cfg.training.batch}")
-    pair = f"{_slug(train.class_names[k])}_to_{_slug(train.class_names[o])}"
+    banner(f"4/6 forgetting {train.class_names[k]!r} -> {train.class_names[o]!r}: {f_cfg.training.duration_kimg} "
+           f"kimg of batch {f_cfg.training.batch}")
+    pair = _pair(train, k, o)
     forget_dir = os.path.join(workdir, f"forget_{pair}")
     train_stage(f"forget_{pair}", SDTrainer, f_cfg, forget_dir, _sd_steps(f_cfg), log)
 
-    _banner("5/6 evaluation classifier")
-    clf_thread.join()
-    if "error" in clf_box:
-        raise clf_box["error"]
-    clf = clf_box["clf"]
-    print(f"classifier held-out accuracy: {clf.meta['held_out_accuracy']:.4f}", flush=True)
-
-    _banner(f"6/6 samples ({s.n_per_class} per concept), evaluation and report")
-    rates = _sample_all(workdir, world_dir, student_dir, forget_dir, train, s, log, clf)
-    report = build_report(train, k, o, clf, world, rates, log, time.perf_counter() - t_start, s)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report_markdown(report))
-    print("\n" + report_markdown(report), flush=True)
-    return report
+    banner("5/6 evaluation classifier")
+    return job.result()
 
 
 def _sd_steps(config) -> int:

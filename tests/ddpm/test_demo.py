@@ -77,3 +77,17 @@ def test_bad_forget_class_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert last_line(proc.stderr) == "sfd_jax.demo: error: --forget must be a digit 0..9, got 10"
     assert not (tmp_path / "d").exists()
+
+
+def test_refused_teacher_workdir_exits_with_one_line_while_the_classifier_trains(tmp_path):
+    """The teacher stage refuses a workdir of another recipe while the evaluation classifier is training in the
+    background: the demo stops that stage, waits for it and exits with the one-line error. (A main thread leaving
+    under a running background computation once aborted the SD demo with exit 134, "terminate called ...".)"""
+    teacher = tmp_path / "d" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "config.json").write_text(json.dumps({"mode": "sfd", "model": {"ch": 7}}))
+    # The full-size classifier (not --fast) is still training when the teacher stage refuses.
+    proc = run_cli(MOD, f"--workdir={tmp_path / 'd'}", "--noprogress")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith("sfd_jax.demo: error: ") and "terminate called" not in proc.stderr
+    assert not (tmp_path / "d" / "classifier" / "checkpoints").exists()   # the background stage was stopped
