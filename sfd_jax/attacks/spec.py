@@ -42,6 +42,11 @@ class AttackSpec:
     eval_every: int = 10             # relearn: judge every this many fine-tuning steps
     weights: str = "auto"            # which weights of the checkpoint ('auto': its sampling weights)
     seed: int = 0
+    # SD attacks (inversion, prompt)
+    teacher: str = ""                # inversion: the teacher pipeline folder ('': the checkpoint's sd.model)
+    teacher_steps: int = 20          # inversion: DDIM steps of the teacher's images of the concept
+    teacher_guidance: float = 3.0    # inversion: their guidance w (uncond + w·(cond − uncond))
+    batch: int = 16                  # inversion: images per textual-inversion step
 
 
 @dataclasses.dataclass
