@@ -114,8 +114,11 @@ class CLIPTextEmbeddings(nn.Module):
     max_position_embeddings: int
 
     @nn.compact
-    def __call__(self, input_ids):
-        tok = nn.Embed(self.vocab_size, self.hidden_size, name="token_embedding")(input_ids)
+    def __call__(self, input_ids, inputs_embeds=None):
+        """``inputs_embeds`` [B, L, D] (optional): token embeddings used in place of the table's rows of
+        ``input_ids`` (the position embeddings are added either way)."""
+        embed = nn.Embed(self.vocab_size, self.hidden_size, name="token_embedding")
+        tok = embed(input_ids) if inputs_embeds is None else jnp.asarray(inputs_embeds)
         pos = nn.Embed(self.max_position_embeddings, self.hidden_size, name="position_embedding")(
             jnp.arange(input_ids.shape[1]))
         return tok + pos[None]
@@ -137,14 +140,16 @@ class CLIPTextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False,
-                 skip_layers: int = 0) -> CLIPTextOutput:
-        """input_ids: int [B, L]; attention_mask: optional [B, L] (1 = real token; SD pipelines pass none)."""
+                 skip_layers: int = 0, inputs_embeds=None) -> CLIPTextOutput:
+        """input_ids: int [B, L]; attention_mask: optional [B, L] (1 = real token; SD pipelines pass none);
+        inputs_embeds: optional float [B, L, D] token embeddings replacing the table lookup of ``input_ids``
+        (``input_ids`` still locate the end-of-text token for ``pooled``)."""
         check_implementation(self.attention_impl)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
-                               name="embeddings")(input_ids).astype(self.dtype)
+                               name="embeddings")(input_ids, inputs_embeds).astype(self.dtype)
         mask = None
         if attention_mask is not None:
             mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
@@ -212,8 +217,8 @@ class CLIPTextModel(nn.Module):
             self.eos_token_id, self.dtype, self.attention_impl)
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False,
-                 skip_layers: int = 0) -> CLIPTextOutput:
-        return self.text_model(input_ids, attention_mask, output_hidden_states, skip_layers)
+                 skip_layers: int = 0, inputs_embeds=None) -> CLIPTextOutput:
+        return self.text_model(input_ids, attention_mask, output_hidden_states, skip_layers, inputs_embeds)
 
     def init_params(self, rng: jax.Array):
         return self.init(rng, jnp.zeros((1, self.max_position_embeddings), jnp.int32))["params"]
@@ -223,4 +228,18 @@ def text_embeddings(model: CLIPTextModel, params, input_ids, skip_layers: int = 
     """The UNet's ``encoder_hidden_states`` [B, L, D], float32: the last hidden state (``skip_layers=0``), or
     ``final_layer_norm(hidden_states[-(skip_layers + 1)])`` as diffusers' ``clip_skip``."""
     out = model.apply({"params": params}, input_ids, skip_layers=skip_layers)
+    return out.conditioning.astype(jnp.float32)
+
+
+def token_embedding_table(params) -> jax.Array:
+    """The token embedding table [vocab_size, D] of a :class:`CLIPTextModel`'s ``params``."""
+    return params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+
+def text_embeddings_from_tokens(model: CLIPTextModel, params, input_ids, token_embeds,
+                                skip_layers: int = 0) -> jax.Array:
+    """As :func:`text_embeddings`, from token embeddings ``token_embeds`` [B, L, D] (e.g. the table's rows of
+    ``input_ids`` plus a change, or a learned token in place of a placeholder) instead of the table lookup;
+    ``input_ids`` [B, L] still locate the end-of-text token. Differentiable in ``token_embeds``."""
+    out = model.apply({"params": params}, input_ids, skip_layers=skip_layers, inputs_embeds=token_embeds)
     return out.conditioning.astype(jnp.float32)
