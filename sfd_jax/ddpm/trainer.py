@@ -31,6 +31,46 @@ def early_stage_steps(snapshot_freq: int, n_intervals: int) -> set[int]:
     return {int(v) for v in np.exp(np.linspace(lg // n_intervals, lg, n_intervals)).astype(np.int64)[:-1]}
 
 
+def validate_ddpm_config(config):
+    """Fail early, with one line, on DDPM settings (pretraining, SFD, baselines) that cannot run. Returns the
+    :class:`~sfd_jax.ddpm.task.DDPMTask` of an SFD config (None for the other modes)."""
+    if config.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    t = config.training
+    if t.batch_size < 1 or t.n_iters < 1 or t.snapshot_freq < 1 or t.log_freq < 1:
+        raise UsageError("training.batch_size, n_iters, snapshot_freq and log_freq must be >= 1")
+    from sfd_jax.ddpm.baselines import BASELINE_MODES
+    if config.mode in BASELINE_MODES:
+        from sfd_jax.ddpm.baseline_trainer import validate_baseline_config
+        return validate_baseline_config(config)
+    if config.mode == "pretrain" and "optim" not in config:
+        raise UsageError("config has no optim section: pretraining needs a *_train.py recipe (e.g. "
+                         "configs/cifar10_train.py)")
+    if config.mode == "sfd":
+        for section in ("distill", "g_optim", "sg_optim"):
+            if section not in config:
+                raise UsageError(f"config has no {section} section: SFD needs a distillation recipe (e.g. "
+                                 "configs/cifar10_sfd.py)")
+        from sfd_jax.ddpm.task import DDPMTask
+        try:
+            task = DDPMTask.from_config(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        d = config.distill
+        if d.get("label_to_override", None) is None and d.pseudo_label_type in ("amax", "prob"):
+            if not d.get("use_clf", False) or not d.get("clf_path", ""):
+                raise UsageError(f"distill.pseudo_label_type={d.pseudo_label_type!r} needs distill.use_clf=True and "
+                                 "distill.clf_path")
+            if not os.path.exists(d.clf_path):
+                raise FileNotFoundError(f"distill.clf_path {d.clf_path!r} does not exist")
+        if not config.init_checkpoint:
+            raise UsageError("config.init_checkpoint is empty: SFD starts from a pretrained (or stage-1) checkpoint")
+        if not os.path.exists(config.init_checkpoint):
+            raise FileNotFoundError(f"config.init_checkpoint {config.init_checkpoint!r} does not exist")
+        return task
+    return None
+
+
 class Trainer(RunDir):
     """One training run in ``workdir`` (created or resumed)."""
     SAME_RECIPE_KEYS = ("mode", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
@@ -38,6 +78,7 @@ class Trainer(RunDir):
                         "data.n_classes")
 
     def __init__(self, config, workdir: str, *, allow_changes: tuple[str, ...] = ()):
+        self.task = validate_ddpm_config(config)   # the SFD labels/timesteps rules (None for other modes)
         self.config = config
         self.mode = config.mode
         self.mesh = parallel.mesh_from_config(config)
@@ -115,9 +156,8 @@ class Trainer(RunDir):
     def make_step(self, sh, txs):
         c = self.config
         if self.mode == "sfd":
-            from sfd_jax.ddpm.task import DDPMTask
             from sfd_jax.ddpm.steps import make_sfd_step
-            task = DDPMTask.from_config(c)
+            task = self.task
             fn = make_sfd_step(self.model, c, task, self.alphas_cumprod, *txs,
                                batch_size=int(c.training.batch_size), batch_sharding=self.batch_sharding,
                                fused=bool(c.distill.get("fused", True)),
