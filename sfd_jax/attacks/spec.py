@@ -46,7 +46,6 @@ class AttackSpec:
     teacher: str = ""                # inversion: the teacher pipeline folder ('': the checkpoint's sd.model)
     teacher_steps: int = 20          # inversion: DDIM steps of the teacher's images of the concept
     teacher_guidance: float = 3.0    # inversion: their guidance w (uncond + w·(cond − uncond))
-    batch: int = 16                  # inversion: images per textual-inversion step
 
 
 @dataclasses.dataclass
