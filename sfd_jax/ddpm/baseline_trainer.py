@@ -39,7 +39,7 @@ def validate_baseline_config(config) -> None:
         raise UsageError(f"mode {config.mode!r} needs an unlearn section with label_to_forget (a baseline recipe, "
                          "e.g. configs/cifar10_sa.py)")
     n = int(config.data.n_classes)
-    if not 0 <= int(u.label_to_forget) < n:
+    if not 0 <= forget_label(config) < n:   # forget_label: a tuple of several classes is refused in one line
         raise UsageError(f"unlearn.label_to_forget={u.label_to_forget} is outside [0, {n})")
     if "optim" not in config:
         raise UsageError(f"mode {config.mode!r} needs an optim section (the baselines train with the pretraining "

@@ -5,10 +5,47 @@ Every key the original read with a silent default is explicit here. Sequences ar
 overrides such as ``--config.model.ch_mult=(1,2,2,2)`` work. Keys that are ours, not the original's: ``mode``,
 ``init_checkpoint``, ``seed``, ``dtype``, ``mesh.*``, ``distill.label_to_forget`` (the original's CLI flag)
 and ``distill.teacher_from``.
+
+``distill.label_to_forget`` / ``distill.label_to_override`` (and the baselines' ``unlearn.label_to_forget``) are
+:func:`targets_field` fields: they take one class or a tuple of classes, from Python and from the command line
+(``--config.distill.label_to_forget=3``, ``=2,5,7`` or ``='(2,5,7)'``), and hold one target as an int.
 """
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
+
+
+def canonical_targets(value):
+    """One class as an int, several as a tuple of ints: ``3``, ``(3,)``, ``[3]`` and ``np.int64(3)`` -> ``3``;
+    ``[2, 5, 7]`` -> ``(2, 5, 7)``; ``()`` -> ``-1`` (nothing). Anything else (a string, a float, a bool, None) is
+    returned unchanged for the task's validation to name."""
+    def as_int(v):
+        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+    if isinstance(value, (list, tuple)):
+        items = tuple(as_int(v) for v in value)
+        if not items:
+            return -1
+        return items[0] if len(items) == 1 else items
+    return as_int(value)
+
+
+class TargetsReference(ml_collections.FieldReference):
+    """An ``object``-typed field (so ml_collections' command-line parser reads ``3`` and ``(2,5,7)`` as Python
+    literals) that stores :func:`canonical_targets` of what it is set to: ``3`` and ``(3,)`` are the same run, and
+    a single target is written to ``config.json`` as the int it always was (old workdirs resume unchanged)."""
+
+    def __init__(self, default):
+        super().__init__(canonical_targets(default), field_type=object)
+
+    def set(self, value, type_safe=True):
+        super().set(canonical_targets(value), type_safe)
+
+
+def targets_field(value) -> TargetsReference:
+    """A config field holding one class (int) or several (tuple); see :class:`TargetsReference`."""
+    return TargetsReference(value)
 
 
 def _adam(lr: float, beta1: float) -> ml_collections.ConfigDict:
@@ -64,9 +101,10 @@ def pretrain_config(**kw) -> ml_collections.ConfigDict:
     return c
 
 
-def distill_config(*, sg_lr: float, sg_forget_coef: float, g_forget_coef: float, label_to_forget: int,
+def distill_config(*, sg_lr: float, sg_forget_coef: float, g_forget_coef: float, label_to_forget,
                    **kw) -> ml_collections.ConfigDict:
-    """The SiD/SFD configs: shared values of cifar10_sid/sfd/sfd_2stage/stl10_sfd.yml."""
+    """The SiD/SFD configs: shared values of cifar10_sid/sfd/sfd_2stage/stl10_sfd.yml. ``label_to_forget``: a
+    class, a tuple of classes, or -1 (plain SiD)."""
     c = ddpm_base(**kw)
     c.mode = "sfd"
     c.model.type = "sid"
@@ -77,8 +115,10 @@ def distill_config(*, sg_lr: float, sg_forget_coef: float, g_forget_coef: float,
     c.distill = ml_collections.ConfigDict(dict(
         alpha=1.2, t_min=38, t_init=440, t_max=712,
         sg_remain_coef=1.0, sg_forget_coef=sg_forget_coef, g_remain_coef=1.0, g_forget_coef=g_forget_coef,
-        label_to_forget=label_to_forget,     # the original's --label_to_forget CLI flag; -1 = plain SiD
-        label_to_override=1, pseudo_label_type="rand", use_clf=False, clf_path="",
+        # the original's --label_to_forget CLI flag (-1 = plain SiD), or a tuple of classes forgotten at once
+        label_to_forget=targets_field(label_to_forget),
+        # one override for every forgotten class, a tuple (one per forgotten class), or None: pseudo_label_type
+        label_to_override=targets_field(1), pseudo_label_type="rand", use_clf=False, clf_path="",
         init_from_ema=True,
         teacher_from="fake_score",           # the original's rule; 'pretrained' = what --init_ckpt_0 meant
         pretrained_checkpoint="",            # teacher/fake-score source when teacher_from='pretrained'

@@ -59,6 +59,16 @@ def sfd_step_keys(root_key: jax.Array, step) -> tuple[jax.Array, FakeScoreKeys, 
     return keys[0], FakeScoreKeys(*keys[1:1 + n]), GeneratorKeys(*keys[1 + n:])
 
 
+def forget_label_keys(root_key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
+    """The keys of the forgotten-class draws of the fake-score and generator updates when several classes are
+    forgotten: keys 19 and 20 of one split of ``fold_in(root_key, step)`` into 21 (keys 0-18 of that split are never
+    used, so no draw shares a key or counter with :func:`sfd_step_keys`'). A single-target step draws no forgotten
+    class and never calls this, so its numbers are those of a run without it."""
+    n = 1 + 2 * len(FakeScoreKeys._fields)
+    keys = jax.random.split(jax.random.fold_in(root_key, step), n + 2)
+    return keys[n], keys[n + 1]
+
+
 class Part(NamedTuple):
     """One part (remain or forget) of an update's batch: labels [B], latents z and noise ε [B,H,W,C], timesteps
     t [B] int, and for the fake score's remain part the null-class mask [B] bool (None: no sample dropped)."""
@@ -106,7 +116,8 @@ class SFDStep:
     """``step(state: SFDState, teacher_params, root_key) -> (SFDState, metrics)``, built by :func:`make_sfd_step`.
 
     One step is two updates, each on a remain part (labels c, uniform over the remaining classes) and, when the
-    task forgets with a non-zero coefficient, a forget part (:meth:`forget_batch`):
+    task forgets with a non-zero coefficient, a forget part (:meth:`forget_batch`; with several forgotten classes
+    each update draws its samples' classes uniformly from the forgotten set, keys from :func:`forget_label_keys`):
     A. :meth:`fake_score_update` on generator samples (eval mode, no gradient to G): ε-MSE, coefficients
        sg_remain/forget_coef, clip by value, Adam.
     B. :meth:`generator_update` with the just-updated fake score: same c, fresh z/ε/t; SiD loss with teacher and
@@ -154,12 +165,14 @@ class SFDStep:
                     self.constrain(self.task.timesteps(keys.timesteps_remain, self.B)), self.normal(keys.noise_remain),
                     drop)
 
-    def forget_batch(self, keys: FakeScoreKeys | GeneratorKeys, step, forgets: bool) -> Part | None:
-        """The forget part of one update (None when ``forgets`` is False): the forgotten class, fresh z and ε, t
-        from the forget range (widened during ``distill.forget_warmup``)."""
+    def forget_batch(self, keys: FakeScoreKeys | GeneratorKeys, step, forgets: bool,
+                     label_key: jax.Array | None = None) -> Part | None:
+        """The forget part of one update (None when ``forgets`` is False): the forgotten class (several: drawn
+        uniformly from the forgotten set with ``label_key``), fresh z and ε, t from the forget range (widened
+        during ``distill.forget_warmup``)."""
         if not forgets:
             return None
-        return Part(self.constrain(self.task.forget_labels(self.B)), self.normal(keys.latents_forget),
+        return Part(self.constrain(self.task.forget_labels(label_key, self.B)), self.normal(keys.latents_forget),
                     self.constrain(self.task.forget_timesteps(keys.timesteps_forget, self.B, step)),
                     self.normal(keys.noise_forget))
 
@@ -178,12 +191,12 @@ class SFDStep:
         return eps_fn
 
     # ------------------------------------------------------------------------------------------- A, B, step
-    def fake_score_update(self, state: SFDState, keys: FakeScoreKeys, c):
+    def fake_score_update(self, state: SFDState, keys: FakeScoreKeys, c, forget_label_key=None):
         """A. -> (fake_score, sg_opt, metrics): ε-MSE of the fake score on frozen generator samples."""
         B, ac = self.B, self.ac
         drop = self.constrain(jax.random.uniform(keys.label_drop, (B,)) < self.drop_prob)
         remain = self.remain_batch(keys, c, drop)
-        forget = self.forget_batch(keys, state.step, self.task.forgets and self.sg_f > 0)
+        forget = self.forget_batch(keys, state.step, self.task.forgets and self.sg_f > 0, forget_label_key)
         g_frozen = jax.lax.stop_gradient(state.generator)
         if forget is not None and self.fused:
             batch = fuse(remain, forget)
@@ -207,15 +220,16 @@ class SFDStep:
 
         return weighted_update(state.fake_score, state.sg_opt, self.sg_tx, part_losses, self.sg_r, self.sg_f, "sg")
 
-    def generator_update(self, state: SFDState, fake_score, teacher, keys: GeneratorKeys, c):
+    def generator_update(self, state: SFDState, fake_score, teacher, keys: GeneratorKeys, c, forget_label_key=None):
         """B. -> (generator, g_opt, metrics): SiD loss of the generator against the teacher and ``fake_score``."""
         B, ac, gen, eps, task = self.B, self.ac, self.gen, self.eps, self.task
         sid = functools.partial(sid_generator_loss, alphas_cumprod=ac, alpha=self.alpha, diffinst=self.diffinst)
         fake, teacher = jax.lax.stop_gradient(fake_score), jax.lax.stop_gradient(teacher)
         remain = self.remain_batch(keys, c)
-        forget = self.forget_batch(keys, state.step, task.forgets and self.g_f > 0)
+        forget = self.forget_batch(keys, state.step, task.forgets and self.g_f > 0, forget_label_key)
         if forget is not None and not task.uses_classifier:
-            override = self.constrain(task.override_labels(keys.override_labels, B))
+            # each forget sample's override is its own class's (label_to_override per class, or 'rand')
+            override = self.constrain(task.override_labels(keys.override_labels, B, forget.labels))
 
         def forget_teacher(remain_labels=None):
             """The teacher's eps fn on the forget part (after ``remain_labels`` in a fused batch)."""
@@ -244,9 +258,12 @@ class SFDStep:
 
     def __call__(self, state: SFDState, teacher, root_key):
         label_key, fake_score_keys, generator_keys = sfd_step_keys(root_key, state.step)
+        sg_forget_key, g_forget_key = (forget_label_keys(root_key, state.step) if self.task.n_forget > 1
+                                       else (None, None))
         c = self.constrain(self.task.remain_labels(label_key, self.B))
-        fake_score, sg_opt, sg_metrics = self.fake_score_update(state, fake_score_keys, c)
-        generator, g_opt, g_metrics = self.generator_update(state, fake_score, teacher, generator_keys, c)
+        fake_score, sg_opt, sg_metrics = self.fake_score_update(state, fake_score_keys, c, sg_forget_key)
+        generator, g_opt, g_metrics = self.generator_update(state, fake_score, teacher, generator_keys, c,
+                                                            g_forget_key)
         new = SFDState(step=state.step + 1, generator=generator,
                        generator_ema=ema_update(state.generator_ema, generator, self.ema_rate),
                        fake_score=fake_score, g_opt=g_opt, sg_opt=sg_opt)

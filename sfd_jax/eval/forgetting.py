@@ -27,13 +27,30 @@ def softmax_stats(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p, -np.sum(p * logp, axis=-1)
 
 
-def forgetting_metrics(logits: np.ndarray, labels: np.ndarray, forget_class: int | None, *,
+def forgotten_classes(forget_class) -> tuple[int, ...]:
+    """``forget_class`` as a tuple: None / -1 -> (), K -> (K,), a sequence of classes -> its ints."""
+    if forget_class is None:
+        return ()
+    if isinstance(forget_class, (list, tuple, np.ndarray)):
+        return tuple(int(k) for k in forget_class)
+    return () if int(forget_class) == -1 else (int(forget_class),)
+
+
+def forgetting_metrics(logits: np.ndarray, labels: np.ndarray, forget_class, *,
                        original_normalisation: bool = False) -> dict:
     """Per-class accuracy and the forgotten class's entropy/probability/accuracy; see the module docstring.
 
     logits: [N, n_classes] classifier outputs; labels: [N] the classes the samples were conditioned on.
-    forget_class: K, or None for per-class accuracies only.
+    forget_class: K, None for per-class accuracies only, or a sequence of several forgotten classes: then
+    ``forget_class`` is their list, ``mean_accuracy_remaining`` the mean over the classes not forgotten,
+    ``forgotten_per_class`` each forgotten class's figures (as ``forgotten`` of a single-class result) and
+    ``forgotten`` those of all their samples together (accuracy = recognised as the class they were conditioned on).
     """
+    several = forgotten_classes(forget_class)
+    if isinstance(forget_class, (list, tuple, np.ndarray)) and len(several) == 1:
+        forget_class = several[0]
+    elif isinstance(forget_class, (list, tuple, np.ndarray)):
+        return _several_forgotten(logits, labels, several, original_normalisation)
     logits = np.asarray(logits)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if logits.ndim != 2 or len(logits) != len(labels):
@@ -80,19 +97,52 @@ def forgetting_metrics(logits: np.ndarray, labels: np.ndarray, forget_class: int
     return out
 
 
+def _several_forgotten(logits, labels, classes: tuple[int, ...], original_normalisation: bool) -> dict:
+    """:func:`forgetting_metrics` for two or more forgotten ``classes`` (distinct, inside the classifier's)."""
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"forget classes {classes} list a class twice")
+    out = forgetting_metrics(logits, labels, None)
+    k = out["n_classes"]
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad:
+        raise ValueError(f"forget class {bad[0]} is outside the classifier's classes [0, {k})")
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    per_class = {str(c): forgetting_metrics(logits, labels, c, original_normalisation=original_normalisation)
+                 ["forgotten"] for c in classes}
+    remaining = [v["accuracy"] for c, v in out["per_class"].items() if int(c) not in classes]
+    probs, entropy = softmax_stats(logits)
+    m = np.isin(labels, classes)
+    n_k = int(m.sum())
+    denom = len(labels) if original_normalisation else n_k
+    own = probs[np.flatnonzero(m), labels[m]]
+    sums = {"entropy": float(np.sum(entropy[m])), "prob": float(np.sum(own)),
+            "acc": float(np.sum(probs[m].argmax(-1) == labels[m]))}
+    forgotten = {"n": n_k, "normalisation": "all_images" if original_normalisation else "per_class"}
+    forgotten.update({key: (s / denom if denom else None) for key, s in sums.items()})
+    out.update(forget_class=list(classes), mean_accuracy_remaining=float(np.mean(remaining)) if remaining else None,
+               forgotten=forgotten, forgotten_per_class=per_class)
+    return out
+
+
 def format_table(result: dict) -> str:
     """A plain-text summary of :func:`forgetting_metrics`'s result."""
     kf = result.get("forget_class")
+    forgotten = set(forgotten_classes(kf))
     lines = [f"{'class':>6} {'n':>6} {'accuracy':>9} {'mean_prob':>10} {'entropy':>8}"]
     for c, v in sorted(result["per_class"].items(), key=lambda kv: int(kv[0])):
-        mark = "  <- forgotten" if kf is not None and int(c) == kf else ""
+        mark = "  <- forgotten" if int(c) in forgotten else ""
         lines.append(f"{c:>6} {v['n']:>6} {v['accuracy']:>9.4f} {v['mean_prob']:>10.4f} "
                      f"{v['mean_entropy']:>8.4f}{mark}")
     if kf is not None:
         f = result["forgotten"]
         if result.get("mean_accuracy_remaining") is not None:
             lines.append(f"remaining classes: mean accuracy {result['mean_accuracy_remaining']:.4f}")
-        if f["n"]:
+        if isinstance(kf, list):
+            for c, g in result["forgotten_per_class"].items():
+                lines.append(f"forgotten class {c} ({g['normalisation']} normalisation, {g['n']} samples): "
+                             + (f"entropy {g['entropy']:.4f}  prob {g['prob']:.5f}  acc {g['acc']:.4f}" if g["n"]
+                                else "no samples conditioned on it"))
+        elif f["n"]:
             lines.append(f"forgotten class {kf} ({f['normalisation']} normalisation, {f['n']} samples): "
                          f"entropy {f['entropy']:.4f}  prob {f['prob']:.5f}  acc {f['acc']:.4f}")
         else:
@@ -111,7 +161,7 @@ def check_classifier_fits(clf_config, image_shape, what: str, clf_path: str) -> 
                          f"images but {what} are {h}x{w}")
 
 
-def score_samples(clf, clf_path: str, images: np.ndarray, labels: np.ndarray, forget_class: int | None, *,
+def score_samples(clf, clf_path: str, images: np.ndarray, labels: np.ndarray, forget_class, *,
                   batch_size: int = 256, progress: bool = True, original_normalisation: bool = False) -> dict:
     """:func:`forgetting_metrics` of the loaded classifier ``clf`` on uint8 images [N,H,W,C] conditioned on
     ``labels``; UsageError when the classifier does not take these images or gives NaN/inf logits."""

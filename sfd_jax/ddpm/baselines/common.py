@@ -105,7 +105,17 @@ def load_tree(path: str, like, what: str):
 
 
 def forget_label(config) -> int:
-    return int(config.unlearn.label_to_forget)
+    """``unlearn.label_to_forget``: the baselines forget one class per run, so a tuple of several classes is a
+    one-line UsageError (forgetting several classes at once is SFD's ``distill.label_to_forget``)."""
+    v = config.unlearn.label_to_forget
+    if isinstance(v, (list, tuple)):
+        if len(v) != 1:
+            raise UsageError(f"unlearn.label_to_forget={tuple(v)}: the baselines (retrain, SA, SalUn, ESD) forget one "
+                             "class per run; several classes at once is SFD (distill.label_to_forget)")
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise UsageError(f"unlearn.label_to_forget={v!r}: expected a class (int)")
+    return int(v)
 
 
 def remain_classes(config) -> list[int]:

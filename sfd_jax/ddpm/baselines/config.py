@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sfd_jax.ddpm.config import pretrain_config
+from sfd_jax.ddpm.config import pretrain_config, targets_field
 
 
 def first_stage(variant: str, first: str, second: str) -> bool:
@@ -25,7 +25,8 @@ def first_stage(variant: str, first: str, second: str) -> bool:
 
 
 def _unlearn(**kw) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(label_to_forget=0, init_from_ema=False, **kw))
+    # targets_field: a tuple given on the command line reaches the one-line refusal of baselines.common.forget_label
+    return ml_collections.ConfigDict(dict(label_to_forget=targets_field(0), init_from_ema=False, **kw))
 
 
 def retrain_config(c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
@@ -33,7 +34,7 @@ def retrain_config(c: ml_collections.ConfigDict | None = None) -> ml_collections
     pretraining recipe to build on (default cifar10_train's values)."""
     c = pretrain_config() if c is None else c
     c.mode = "retrain"
-    c.unlearn = ml_collections.ConfigDict(dict(label_to_forget=0))
+    c.unlearn = ml_collections.ConfigDict(dict(label_to_forget=targets_field(0)))
     return c
 
 
