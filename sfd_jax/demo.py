@@ -44,6 +44,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool("progress", True, "Progress bars for classifier training and sampling.")
     flags.DEFINE_string("methods", "", "Leaderboard: comma-separated methods among sfd,retrain,sa,salun,esd, run on one "
                         "teacher and one classifier (sfd_jax.ddpm.leaderboard); empty: the SFD demo alone.")
+    flags.DEFINE_string("attacks", "", "Leaderboard (with --methods): robustness attacks among latent,relearn on every "
+                        "method, judged by an independent classifier (sfd_jax.ddpm.leaderboard_attacks).")
+    flags.register_multi_flags_validator(["attacks", "methods"], lambda f: not f["attacks"] or bool(f["methods"]),
+                                         message="--attacks needs --methods (the attacks run on the leaderboard)")
 
 
 def main(argv):
@@ -64,7 +68,7 @@ def main(argv):
     if FLAGS.methods:
         from sfd_jax.ddpm.leaderboard import parse_methods, run_leaderboard
         run_leaderboard(FLAGS.workdir, forget, parse_methods(FLAGS.methods), fast=FLAGS.fast,
-                        progress=FLAGS.progress)
+                        progress=FLAGS.progress, attacks=FLAGS.attacks)
     else:
         run_demo(FLAGS.workdir, forget, fast=FLAGS.fast, progress=FLAGS.progress)
 

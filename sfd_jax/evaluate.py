@@ -10,6 +10,9 @@ prompt images of a distilled Stable Diffusion generator and NudeNet counts.
   python -m sfd_jax.evaluate prompts --checkpoint=RUN --prompts=prompts/a.txt[,b.txt] --seeds=0-19 --outdir=DIR \
       [--model=SD_PIPELINE] [--init_timestep=625] [--steps=1] [--batch=64] [--weights=ema] [--format=png]
   python -m sfd_jax.evaluate nudity DIR [--recursive] [--threshold=0.6] [--out=nudity.json]
+  python -m sfd_jax.evaluate attack --kind=latent|relearn|inversion|prompt --checkpoint=RUN --target=3 \
+      --attacker_classifier=CLF --judge_classifier=JUDGE --out=PREFIX [--n=100 --steps=100 --lr=0.05 \
+      --budget=0.5 --k=1,8,32 --eval_every=10 --weights=auto --seed=0]
 
 Each subcommand has its own flags (``python -m sfd_jax.evaluate SUBCOMMAND --help`` lists them; a flag of another
 subcommand is an error).
@@ -21,6 +24,10 @@ subcommand is an error).
 ``prompts`` writes ``DIR/<prompt>/<seed:05d>.png`` for every prompt and seed (the original's eval_prompts.py; see
 :mod:`sfd_jax.eval.sd_prompts`); ``nudity`` counts NudeNet detections in a folder (the original's
 nudenet_evaluator.py; needs ``pip install nudenet``; see :mod:`sfd_jax.eval.nudity`).
+``attack`` runs a robustness attack on a forgetting run and writes ``PREFIX.json`` / ``PREFIX.csv``: ``latent`` and
+``relearn`` on DDPM checkpoints (:mod:`sfd_jax.attacks.latent`, :mod:`sfd_jax.attacks.relearn`), ``inversion`` and
+``prompt`` on SD runs (:mod:`sfd_jax.attacks.sd_inversion`, :mod:`sfd_jax.attacks.sd_prompt`); the judge must be
+another classifier than the attacker (:func:`sfd_jax.attacks.spec.check_judge`, checked before any sampling).
 """
 from __future__ import annotations
 
@@ -351,10 +358,101 @@ def nudity_main(folder: str) -> dict:
     return report
 
 
+# -------------------------------------------------------------------------------------------------- attack
+ATTACK_MODULES = {"latent": "sfd_jax.attacks.latent", "relearn": "sfd_jax.attacks.relearn",
+                  "inversion": "sfd_jax.attacks.sd_inversion", "prompt": "sfd_jax.attacks.sd_prompt"}
+
+
+def attack_flags() -> None:
+    from sfd_jax.attacks.spec import AttackSpec
+    d = AttackSpec(kind="latent", checkpoint="", target="", attacker_classifier="", judge_classifier="", out="")
+    flags.DEFINE_string("kind", None, "latent | relearn (DDPM checkpoints) | inversion | prompt (SD runs).")
+    flags.DEFINE_string("checkpoint", None, "The attacked run (workdir or checkpoint directory).")
+    flags.DEFINE_string("target", None, "The forgotten class: a class index (DDPM) or a concept name (SD).")
+    flags.DEFINE_string("attacker_classifier", None, "Classifier the attack optimises against.")
+    flags.DEFINE_string("judge_classifier", None, "Independently trained classifier that judges (another "
+                        "architecture and seed; the attacker itself is refused).")
+    flags.DEFINE_string("out", None, "Output prefix: OUT.json and OUT.csv.")
+    flags.DEFINE_integer("n", d.n, "Samples of the target attacked and judged.")
+    flags.DEFINE_integer("steps", d.steps, "Optimisation steps (latent, inversion, prompt); the most fine-tuning "
+                         "steps (relearn).")
+    flags.DEFINE_float("lr", d.lr, "Attack optimiser (Adam) learning rate.")
+    flags.DEFINE_float("budget", d.budget, "latent: max L2 norm of the noise change / sqrt(noise dim) per sample; "
+                       "prompt: of the token-embedding change / sqrt(embedding dim).")
+    flags.DEFINE_string("k", ",".join(map(str, d.k)), "relearn: real images of the target; inversion: teacher "
+                        "images of the concept (comma-separated).")
+    flags.DEFINE_integer("eval_every", d.eval_every, "relearn: judge every this many fine-tuning steps.")
+    flags.DEFINE_integer("batch", d.batch, "relearn: fine-tuning batch size.")
+    flags.DEFINE_integer("ddim_steps", None, "Multi-step DDPM models: DDIM steps (default: the checkpoint config's "
+                         "sampling.grid_steps).")
+    flags.DEFINE_float("cond_scale", None, "Multi-step DDPM models: guidance s (default: the checkpoint config's "
+                       "sampling.grid_cond_scale).")
+    flags.DEFINE_string("weights", d.weights, "auto | ema | raw: which weights of the checkpoint (auto: ema).")
+    define_seed_flag("Random seed (the noise of the attacked samples, the k images, fine-tuning draws).", d.seed)
+    define_progress_flag()
+
+
+def attack_spec_from_flags():
+    """The :class:`~sfd_jax.attacks.spec.AttackSpec` of the flags, every input and ``--out`` checked (one line)."""
+    from sfd_jax.attacks.spec import KINDS, AttackSpec
+    from sfd_jax.cli_utils import parse_int_list
+
+    if FLAGS.kind not in KINDS:
+        raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {FLAGS.kind!r}")
+    for name in ("checkpoint", "target", "attacker_classifier", "judge_classifier", "out"):
+        if not FLAGS[name].value:
+            raise UsageError(f"--{name} is required")
+    check_input_path(FLAGS.checkpoint, "--checkpoint")
+    check_input_path(FLAGS.attacker_classifier, "--attacker_classifier")
+    check_input_path(FLAGS.judge_classifier, "--judge_classifier")
+    check_output_path(FLAGS.out + ".json", "--out")
+    check_output_path(FLAGS.out + ".csv", "--out")
+    check_positive(n=FLAGS.n, eval_every=FLAGS.eval_every, batch=FLAGS.batch, ddim_steps=FLAGS.ddim_steps)
+    if FLAGS.steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {FLAGS.steps}")
+    k = tuple(parse_int_list(FLAGS.k, "--k"))
+    if not k or min(k) < 1:
+        raise UsageError(f"--k must list image counts >= 1, got {FLAGS.k!r}")
+    return AttackSpec(kind=FLAGS.kind, checkpoint=FLAGS.checkpoint, target=FLAGS.target,
+                      attacker_classifier=FLAGS.attacker_classifier, judge_classifier=FLAGS.judge_classifier,
+                      out=FLAGS.out, n=FLAGS.n, steps=FLAGS.steps, lr=FLAGS.lr, budget=FLAGS.budget, k=k,
+                      eval_every=FLAGS.eval_every, weights=FLAGS.weights, seed=FLAGS.seed, batch=FLAGS.batch,
+                      ddim_steps=FLAGS.ddim_steps, cond_scale=FLAGS.cond_scale)
+
+
+def attack_module(kind: str):
+    """The module whose ``run(spec, *, progress) -> AttackResult`` runs ``kind`` (imported on use)."""
+    import importlib
+    name = ATTACK_MODULES[kind]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise UsageError(f"--kind={kind} is not available in this checkout ({name} is missing)") from None
+
+
+def attack_main() -> dict:
+    from sfd_jax.attacks.spec import check_judge
+    from sfd_jax.eval.classifier_train import load_classifier
+
+    from sfd_jax.perf import apply_cpu_xla_flags
+    apply_cpu_xla_flags()   # before JAX creates its backends (the measured-faster XLA:CPU settings for the UNet)
+    spec = attack_spec_from_flags()
+    module = attack_module(spec.kind)
+    check_judge(load_classifier(spec.attacker_classifier), load_classifier(spec.judge_classifier))
+    result = module.run(spec, progress=FLAGS.progress)
+    js, cs = result.write()
+    for row in result.rows:
+        print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"wrote {js} and {cs} ({result.wall_seconds:.1f} s)")
+    return result.to_json()
+
+
 # -------------------------------------------------------------------------------------------------- dispatch
 SUBCOMMANDS = {"forgetting": (forgetting_flags, forgetting_main), "train-classifier": (train_classifier_flags,
                train_classifier_main), "fid": (fid_flags, fid_main), "prompts": (prompts_flags, prompts_main),
-               "nudity": (nudity_flags, nudity_main)}
+               "nudity": (nudity_flags, nudity_main), "attack": (attack_flags, attack_main)}
 
 
 def main(argv):

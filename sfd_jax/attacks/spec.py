@@ -42,6 +42,9 @@ class AttackSpec:
     eval_every: int = 10             # relearn: judge every this many fine-tuning steps
     weights: str = "auto"            # which weights of the checkpoint ('auto': its sampling weights)
     seed: int = 0
+    batch: int = 32                  # relearn: fine-tuning batch (drawn with replacement from the k images)
+    ddim_steps: int | None = None    # latent/relearn on a multi-step DDPM: DDIM steps (None: config sampling.grid_steps)
+    cond_scale: float | None = None  # ... and guidance s (None: config sampling.grid_cond_scale)
     # SD attacks (inversion, prompt)
     teacher: str = ""                # inversion: the teacher pipeline folder ('': the checkpoint's sd.model)
     teacher_steps: int = 20          # inversion: DDIM steps of the teacher's images of the concept

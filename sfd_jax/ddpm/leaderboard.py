@@ -17,6 +17,9 @@ conditioning class) and ``W/leaderboard.md`` / ``W/leaderboard.json``, one row p
 - network evaluations per image (1 for SFD's one-step generator; steps × 2 for the DDIM samplers with guidance);
 - training wall time (the method's stages when they ran, teacher and classifier excluded);
 - the data the method used.
+
+``--attacks=latent,relearn`` then adds, per method, the robustness attacks with an independent judge
+(:mod:`sfd_jax.ddpm.leaderboard_attacks`: ``W/judge``, ``W/attacks/<method>_<attack>.json``) and their table.
 """
 from __future__ import annotations
 
@@ -158,14 +161,21 @@ def method_row(method: str, clf, images, labels, forget: int, real_remain, nfe: 
 
 # --------------------------------------------------------------------------------------------------- main
 def run_leaderboard(workdir: str = "demo_out", forget: int = 0, methods=METHODS, *, fast: bool = False,
-                    progress: bool = True) -> dict:
-    """Run (or reuse) every stage in ``workdir``; returns the leaderboard (also W/leaderboard.{json,md})."""
+                    progress: bool = True, attacks=()) -> dict:
+    """Run (or reuse) every stage in ``workdir``; returns the leaderboard (also W/leaderboard.{json,md}).
+
+    ``attacks``: names among :data:`sfd_jax.ddpm.leaderboard_attacks.ATTACKS`; each runs on every method's final
+    run and adds the board's ``attacks`` entry (:func:`sfd_jax.ddpm.leaderboard_attacks.run_attacks`)."""
     from sfd_jax.ddpm import demo
     from sfd_jax.data import load_dataset
 
     if not 0 <= int(forget) <= 9:
         raise UsageError(f"--forget must be a digit 0..9, got {forget}")
     methods = parse_methods(",".join(methods)) if not isinstance(methods, str) else parse_methods(methods)
+    if attacks:
+        from sfd_jax.ddpm.leaderboard_attacks import parse_attacks
+        attacks = parse_attacks(attacks if isinstance(attacks, str) else ",".join(attacks))
+    runs = []
     t_start = time.perf_counter()
     s = demo.FAST if fast else demo.DemoSettings()
     workdir = os.path.abspath(workdir)
@@ -199,11 +209,16 @@ def run_leaderboard(workdir: str = "demo_out", forget: int = 0, methods=METHODS,
         seconds = sum(log.data[name]["seconds"] for name, _, _ in stages)
         rows.append(method_row(method, clf, imgs, labels, forget, real_remain, nfe, seconds))
         rows[-1]["weights"] = WEIGHTS[method]
+        runs.append((method, stages[-1][2], WEIGHTS[method]))
     board = {"forget_class": int(forget), "fast": bool(fast), "rows": rows,
              "classifier_held_out_accuracy": clf.meta["held_out_accuracy"],
              "n_per_class": s.n_per_class, "n_real_remaining": int(len(real_remain)),
              "sampler": {**ddim, "nfe": ddim_nfe}, "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
              "stages": log.this_run}
+    if attacks:
+        from sfd_jax.ddpm.leaderboard_attacks import run_attacks
+        board["attacks"] = run_attacks(workdir, forget, runs, attacks, fast=fast, log=log, progress=progress)
+        board["wall_seconds_this_run"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(workdir, "leaderboard.json"), "w") as f:
         json.dump(board, f, indent=2)
     with open(os.path.join(workdir, "leaderboard.md"), "w") as f:
@@ -234,4 +249,7 @@ def leaderboard_markdown(b: dict) -> str:
     for r in b["rows"]:
         counts = ", ".join(f"{c}: {n}" for c, n in enumerate(r["forgotten_recognised_as"]) if n)
         md.append(f"- {r['method']}: {counts}")
+    if "attacks" in b:
+        from sfd_jax.ddpm.leaderboard_attacks import attacks_markdown
+        md += attacks_markdown(b["attacks"])
     return "\n".join(md) + "\n"
