@@ -45,9 +45,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("methods", "", "Leaderboard: comma-separated methods among sfd,retrain,sa,salun,esd, run on one "
                         "teacher and one classifier (sfd_jax.ddpm.leaderboard); empty: the SFD demo alone.")
     flags.DEFINE_string("attacks", "", "Leaderboard (with --methods): robustness attacks among latent,relearn on every "
-                        "method, judged by an independent classifier (sfd_jax.ddpm.leaderboard_attacks).")
-    flags.register_multi_flags_validator(["attacks", "methods"], lambda f: not f["attacks"] or bool(f["methods"]),
-                                         message="--attacks needs --methods (the attacks run on the leaderboard)")
+                        "method, judged by an independent classifier (sfd_jax.ddpm.leaderboard_attacks); with "
+                        "--task=sd: inversion,prompt after the report (sfd_jax.sd.demo_attacks).")
+    flags.register_multi_flags_validator(["attacks", "methods", "task"],
+                                         lambda f: not f["attacks"] or bool(f["methods"]) or f["task"] == "sd",
+                                         message="--attacks needs --methods (the attacks run on the leaderboard) or "
+                                         "--task=sd")
 
 
 def main(argv):
@@ -57,9 +60,15 @@ def main(argv):
     apply_cpu_xla_flags()   # before JAX creates its backends (the measured-faster XLA:CPU settings)
     if FLAGS.task == "sd":
         from sfd_jax.sd.demo import run_sd_demo
+        from sfd_jax.sd.demo_attacks import parse_kinds, run_sd_attacks
+        kinds = parse_kinds(FLAGS.attacks) if FLAGS.attacks else ()   # a bad kind: one line before any stage
         run_sd_demo(FLAGS.workdir if FLAGS["workdir"].present else "demo_sd", data=FLAGS.data,
                     class_names=FLAGS.class_names, templates=FLAGS.templates, forget=FLAGS.forget,
                     override=FLAGS.override, fast=FLAGS.fast)
+        if kinds:
+            run_sd_attacks(FLAGS.workdir if FLAGS["workdir"].present else "demo_sd", kinds, data=FLAGS.data,
+                           class_names=FLAGS.class_names, templates=FLAGS.templates, fast=FLAGS.fast,
+                           progress=FLAGS.progress)
         return
     if FLAGS.forget is not None and not FLAGS.forget.lstrip("-").isdigit():
         raise UsageError(f"--forget must be a digit 0..9, got {FLAGS.forget!r}")

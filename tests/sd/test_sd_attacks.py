@@ -88,3 +88,29 @@ def test_judge_that_is_the_attacker_is_refused_first(tmp_path):
         with pytest.raises(UsageError, match="judge classifier is the attacker"):
             mod.run(spec, progress=False)
     assert not (tmp_path / "prompt.json").exists()
+
+
+def test_sd_demo_attack_kinds_and_summary_table():
+    from sfd_jax.sd.demo_attacks import attacks_markdown, parse_kinds, summary_rows
+    assert parse_kinds("prompt,inversion,prompt") == ("prompt", "inversion")
+    with pytest.raises(UsageError, match="inversion, prompt"):
+        parse_kinds("latent")
+    clf = {"arch": "resnet18", "seed": 1, "held_out_accuracy": 0.97}
+    common = {"pre_judge": 0.0, "pre_attacker": 0.0, "post_attacker": 0.9, "seconds": 1.0}
+    results = {("prompt", "forget"): {"spec": {"target": "zero"}, "wall_seconds": 3.0, "rows": [
+                   {"budget": 0.04, "post_judge": 0.6, "post_fresh_judge": 0.5, **common}]},
+               ("inversion", "student"): {"spec": {"target": "zero"}, "wall_seconds": 4.0, "rows": [
+                   {"k": 8, "post_judge": 0.7, "teacher_post_judge": 1.0, **common}]}}
+    rows = summary_rows(results)
+    assert [(r["attack"], r["setting"], r["post_judge"], r["check"]) for r in rows] == \
+        [("prompt", "budget 0.04", 0.6, 0.5), ("inversion", "k = 8", 0.7, 1.0)]
+    md = attacks_markdown({"judge": clf, "rows": rows, "token_norm_rms": 0.02})
+    assert "| prompt | forgetting run, forgotten concept | zero | budget 0.04 | 0.00 | **0.60** |" in md
+    assert "no floor here" in md
+
+
+def test_sd_demo_refuses_a_bad_attack_kind_in_one_line(tmp_path):
+    from tests.conftest import last_line, run_cli
+    proc = run_cli("sfd_jax.demo", "--task=sd", f"--workdir={tmp_path / 'd'}", "--attacks=latent")
+    assert proc.returncode == 2 and "--attacks with --task=sd takes inversion, prompt" in last_line(proc.stderr)
+    assert not (tmp_path / "d").exists()
