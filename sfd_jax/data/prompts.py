@@ -5,6 +5,9 @@
 - :class:`ForgetPrompts`: the original's ``ForgetPromptDataset``: forget prompts (file or ``|``-separated concept),
   override prompts (regex replacement of the concept, or an override file crossed with the forget prompts),
   optional pos keywords, neg prompts and val prompts.
+- :class:`ForgetPromptTable`: several concepts forgotten in one run, each toward its own override, from a forget
+  table (:func:`read_forget_table`: a CSV ``concept,override,forget_prompts[,override_prompts]``); one forget prompt
+  stream whose every sample carries its own concept's override prompt.
 - :func:`read_prompt_file`, :func:`remain_prompt_path`, :func:`parse_use_neg`.
 
 Sampler contract (both classes; pure functions of their arguments, no hidden RNG state)
@@ -34,6 +37,8 @@ Deliberate differences from the original
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import os
 import re
 from functools import lru_cache
@@ -346,10 +351,153 @@ class ForgetPrompts:
                              from_file=self._from_file, override_file_prompts=self._override_file_prompts,
                              concept_to_forget=self._concept_to_forget,
                              concept_to_override=self._concept_to_override, val_prompts=self._val_prompts)
-        rng = np.random.default_rng(seed)
-        out = []
-        for n in range(n_items):
-            i = n % len(pairs)
-            for _ in range(2):
-                out.append(dict(grid.item(i, rng), is_val=is_val[i]))
+        return _grid_items(grid, n_items, seed)
+
+
+def _grid_items(grid: "ForgetPrompts", n_items: int, seed: int) -> list[dict]:
+    """``n_items`` items of ``grid`` in order, cycling, each fetched twice with one ``default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in range(n_items):
+        i = n % len(grid.pairs)
+        for _ in range(2):
+            out.append(dict(grid.item(i, rng), is_val=grid.is_val[i]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forget table: several concepts in one run
+
+FORGET_TABLE_COLUMNS = ("concept", "override", "forget_prompts", "override_prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetTableRow:
+    """One concept of a forget table: ``concept`` (a case-insensitive regex, as ``prompts.concept_to_forget``),
+    ``override`` (its replacement, as ``prompts.concept_to_override``; may be "" with an override file), the forget
+    prompt file and the optional override prompt file (absolute paths; None: overrides by regex)."""
+    concept: str
+    override: str
+    forget_prompts: str
+    override_prompts: str | None
+
+
+def read_forget_table(path: str) -> list[ForgetTableRow]:
+    """The rows of a forget table: a CSV whose header is ``concept,override,forget_prompts[,override_prompts]``,
+    one concept per row, prompt-file paths relative to the CSV's folder (blank lines skipped). One-line errors:
+    FileNotFoundError for a missing table, ValueError for a bad header, a row of the wrong width, an empty concept
+    or forget-prompt cell, no rows, or a concept listed twice (compared case-insensitively)."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"forget table file not found: {path!r}")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
+    if not rows:
+        raise ValueError(f"forget table {path} is empty (expected the header {','.join(FORGET_TABLE_COLUMNS)} and "
+                         "one row per concept)")
+    header = tuple(c.strip() for c in rows[0])
+    if header not in (FORGET_TABLE_COLUMNS, FORGET_TABLE_COLUMNS[:3]):
+        raise ValueError(f"forget table {path}: the header must be {','.join(FORGET_TABLE_COLUMNS)} (the last column "
+                         f"optional), got {','.join(header)}")
+    if len(rows) == 1:
+        raise ValueError(f"forget table {path} lists no concepts (only its header)")
+    folder = os.path.dirname(os.path.abspath(path))
+    out, seen = [], {}
+    for line, row in enumerate(rows[1:], 2):
+        if len(row) > len(header) or len(row) < 3:
+            raise ValueError(f"forget table {path}, row {line}: {len(row)} cells, expected {len(header)} "
+                             f"({','.join(header)})")
+        cells = [c.strip() for c in row] + [""] * (len(header) - len(row))
+        concept, override, forget_file = cells[:3]
+        override_file = cells[3] if len(cells) > 3 else ""
+        if not concept:
+            raise ValueError(f"forget table {path}, row {line}: the concept is empty")
+        if not forget_file:
+            raise ValueError(f"forget table {path}, row {line} ({concept!r}): forget_prompts (a prompt file) is empty")
+        if not override and not override_file:
+            raise ValueError(f"forget table {path}, row {line} ({concept!r}): give an override or an "
+                             "override_prompts file")
+        key = concept.lower()
+        if key in seen:
+            raise ValueError(f"forget table {path} lists concept {concept!r} twice (rows {seen[key]} and {line})")
+        seen[key] = line
+        out.append(ForgetTableRow(concept, override, os.path.join(folder, forget_file),
+                                  os.path.join(folder, override_file) if override_file else None))
+    return out
+
+
+class ForgetPromptTable(ForgetPrompts):
+    """Several concepts' forget prompts as one stream (build with :meth:`build_table`).
+
+    Each row's pairs are built as :meth:`ForgetPrompts.build` builds a single concept's (its forget file, not
+    tiled; overrides by the row's regex or crossed with its override file), then all rows' pairs and the val
+    pairs are shuffled together once (``RandomState(shuffle_seed)``), so a batch draws uniformly over all pairs:
+    each concept in proportion to its number of pairs. Every sample's override is its own concept's.
+    ``concept_of[i]`` is the row index of pair i (-1 for val pairs); pos keywords and negatives apply to every row."""
+
+    def __init__(self, pairs, is_val, pos, neg, *, rows, row_sets, concept_of, val_prompts):
+        super().__init__(pairs, is_val, pos, neg, forget_source=None, from_file=True, override_file_prompts=None,
+                         concept_to_forget=None, concept_to_override=None, val_prompts=val_prompts)
+        self.rows: list[ForgetTableRow] = list(rows)
+        self.row_sets: list[ForgetPrompts] = list(row_sets)   # each row's own (unshuffled) dataset
+        self.concept_of: list[int] = list(concept_of)
+
+    @classmethod
+    def build_table(cls, table_path: str, pos_path: str | None = None, neg_path: str | None = None,
+                    val_path: str | None = None, max_size: int = 10000,
+                    shuffle_seed: int | None = 0) -> "ForgetPromptTable":
+        """The table at ``table_path`` (:func:`read_forget_table`); errors name the table and the row."""
+        pos_path, neg_path, val_path = map(_none_if_empty, (pos_path, neg_path, val_path))
+        rows = read_forget_table(table_path)
+        row_sets, pairs, concept_of = [], [], []
+        for i, row in enumerate(rows):
+            try:
+                ds = ForgetPrompts.build(path=row.forget_prompts, concept_to_forget=row.concept,
+                                         concept_to_override=row.override or None,
+                                         override_path=row.override_prompts, max_size=max_size, shuffle_seed=None)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"forget table {table_path}, concept {row.concept!r}: {str(e).splitlines()[0]}") \
+                    from None
+            row_sets.append(ds)
+            pairs += ds.pairs
+            concept_of += [i] * len(ds.pairs)
+        pos = read_prompt_file(pos_path, "pos keyword", rstrip=True) if pos_path is not None else None
+        neg = read_prompt_file(neg_path, "neg prompt", rstrip=True) if neg_path is not None else None
+        val = read_prompt_file(val_path, "val prompt", rstrip=True) if val_path is not None else []
+        is_val = [False] * len(pairs) + [True] * len(val)
+        pairs += [(p, p) for p in val]
+        concept_of += [-1] * len(val)
+        if shuffle_seed is not None:
+            perm = np.random.RandomState(shuffle_seed).permutation(len(pairs))
+            pairs, is_val, concept_of = ([x[i] for i in perm] for x in (pairs, is_val, concept_of))
+        return cls(pairs, is_val, pos, neg, rows=rows, row_sets=row_sets, concept_of=concept_of, val_prompts=val)
+
+    @property
+    def concepts(self) -> list[str]:
+        return [r.concept for r in self.rows]
+
+    def batch(self, seed: int, step: int, stream: int, batch_size: int, process_index: int = 0,
+              process_count: int = 1, include_val: bool = False) -> dict:
+        """As :meth:`ForgetPrompts.batch`, plus ``concept``: each sample's row index (-1: a val prompt)."""
+        out = super().batch(seed, step, stream, batch_size, process_index, process_count, include_val)
+        indices = list(range(len(self.pairs))) if include_val else self.train_indices()
+        out["concept"] = [self.concept_of[indices[k]] for _, k in
+                          sample_positions(seed, step, stream, batch_size, len(indices), process_index,
+                                           process_count)]
         return out
+
+    def unmatched_concept_prompts(self) -> list[str]:
+        """Every row's forget prompts in which its concept regex matches nothing (rows with an override file
+        excepted)."""
+        return [p for ds in self.row_sets for p in ds.unmatched_concept_prompts()]
+
+    def grid_items(self, n_items: int = 16, seed: int = 0) -> list[dict]:
+        """As :meth:`ForgetPrompts.grid_items`, with the rows' first 8 forget prompts' pairs taken in turn (row 0's
+        first, row 1's first, ..., row 0's second, ...), then the val pairs."""
+        per_row = [ds._pairs(GRID_MAX_SIZE, with_val=False)[0] for ds in self.row_sets]
+        pairs = [row[i] for i in range(max(len(r) for r in per_row)) for row in per_row if i < len(row)]
+        pairs += [(p, p) for p in self._val_prompts]
+        is_val = [False] * (len(pairs) - len(self._val_prompts)) + [True] * len(self._val_prompts)
+        grid = ForgetPrompts(pairs, is_val, self.pos, None, forget_source=None, from_file=True,
+                             override_file_prompts=None, concept_to_forget=None, concept_to_override=None,
+                             val_prompts=self._val_prompts)
+        return _grid_items(grid, n_items, seed)

@@ -43,6 +43,9 @@ def sd_sfd_config() -> ml_collections.ConfigDict:
         override="",              # override prompt file instead (cartesian product forget x override)
         pos="",                   # keywords inserted before/after forget prompts (p = 1/2 each)
         neg="",                   # negative prompts paired with override prompts
+        # ours: several concepts in one run, a CSV concept,override,forget_prompts[,override_prompts] (paths relative
+        # to it; sfd_jax.data.prompts.read_forget_table); replaces forget, concept_to_forget/override and override
+        forget_table="",
         max_size=10000,
         shuffle_seed=0))
 

@@ -11,9 +11,16 @@
 
 Prompt streams: 0 = remain prompts of the fake-score phase, 1 = remain prompts of the generator phase,
 2 / 3 = forget prompts of the two phases; micro-batch r of step ``step`` is sampler step ``step·R + r``.
+
+Several concepts in one run: ``prompts.forget_table`` (a CSV, :func:`sfd_jax.data.prompts.read_forget_table`)
+replaces ``prompts.forget`` / ``concept_to_forget`` / ``concept_to_override`` / ``override``; its rows' pairs form
+the one forget stream (:class:`~sfd_jax.data.prompts.ForgetPromptTable`) and the text table holds every concept's
+forget and override strings. The step already takes a forget row and an override row per sample, so it is the same
+step; a config without a table builds exactly what it built before.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -70,7 +77,12 @@ def validate_sd_config(config) -> None:
     if not p.remain:
         raise UsageError("prompts.remain is required: a caption file (one prompt per line) or a folder with "
                          "aesthetics_6_plus.txt (LAION-Aesthetics 6+ captions, see the README)")
-    if not p.forget and not p.concept_to_forget:
+    table = p.get("forget_table", "")
+    if table:
+        if not os.path.isfile(table):
+            raise UsageError(f"prompts.forget_table {table!r}: no such file (a CSV concept,override,forget_prompts"
+                             "[,override_prompts])")
+    elif not p.forget and not p.concept_to_forget:
         raise UsageError("set prompts.forget (a prompt file) or prompts.concept_to_forget")
     if p.concept_to_forget:
         try:
@@ -95,25 +107,42 @@ class SDPrompts:
     """Prompt datasets of a run and the text table (see the module docstring)."""
 
     def __init__(self, config, *, warn=print):
-        from sfd_jax.data.prompts import ForgetPrompts, RemainPrompts
+        from sfd_jax.data.prompts import ForgetPrompts, ForgetPromptTable, RemainPrompts
         p = config.prompts
         self.seed = int(config.seed)
+        table = p.get("forget_table", "")
+        shuffle_seed = None if p.shuffle_seed is None else int(p.shuffle_seed)
         try:
             self.remain = RemainPrompts.from_path(p.remain)
-            self.forget = ForgetPrompts.build(
-                path=p.forget or None,
-                concept_to_forget=p.concept_to_forget if p.forget else (p.concept_to_forget or None),
-                concept_to_override=p.concept_to_override, override_path=p.override or None,
-                pos_path=p.pos or None, neg_path=p.neg or None, val_path=p.forget_val or None,
-                max_size=int(p.max_size), shuffle_seed=None if p.shuffle_seed is None else int(p.shuffle_seed))
+            if table:
+                self.forget = ForgetPromptTable.build_table(
+                    table, pos_path=p.pos or None, neg_path=p.neg or None, val_path=p.forget_val or None,
+                    max_size=int(p.max_size), shuffle_seed=shuffle_seed)
+            else:
+                self.forget = ForgetPrompts.build(
+                    path=p.forget or None,
+                    concept_to_forget=p.concept_to_forget if p.forget else (p.concept_to_forget or None),
+                    concept_to_override=p.concept_to_override, override_path=p.override or None,
+                    pos_path=p.pos or None, neg_path=p.neg or None, val_path=p.forget_val or None,
+                    max_size=int(p.max_size), shuffle_seed=shuffle_seed)
         except (OSError, ValueError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
         if not self.forget.train_indices():
             raise UsageError("the forget prompt set has no training prompts (only validation prompts)")
-        unmatched = self.forget.unmatched_concept_prompts() if p.concept_to_forget and not p.override else []
+        if table:
+            ignored = [k for k in ("forget", "concept_to_forget", "concept_to_override", "override") if p[k]]
+            if ignored:
+                warn(f"note: prompts.forget_table {table} ({len(self.forget.rows)} concepts: "
+                     f"{', '.join(self.forget.concepts)}) replaces prompts.{', prompts.'.join(ignored)}, "
+                     "which are not used")
+            unmatched = self.forget.unmatched_concept_prompts()
+            what = "a forget table's concept"
+        else:
+            unmatched = self.forget.unmatched_concept_prompts() if p.concept_to_forget and not p.override else []
+            what = f"prompts.concept_to_forget {p.concept_to_forget!r}"
         if unmatched:
             shown = "; ".join(repr(u) for u in unmatched[:5])
-            warn(f"warning: prompts.concept_to_forget {p.concept_to_forget!r} matches nothing in "
+            warn(f"warning: {what} matches nothing in "
                  f"{len(unmatched)} forget prompt(s), whose override prompt is then the prompt itself: {shown}"
                  + (" ..." if len(unmatched) > 5 else ""))
         self.neg = list(self.forget.neg or [])
