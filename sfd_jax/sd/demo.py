@@ -15,11 +15,15 @@ Stages (each reused when its outputs are in ``--workdir`` with the same settings
   4. student     SiD-LSG: SD SFD with forgetting off (``configs/sd_world.py:student``) -> ``WORKDIR/student``
   5. forget      SFD from the student (``configs/sd_world.py:forget``): forget = captions of --forget, override
                  = the same captions of --override, remain = captions of the other classes
-                 -> ``WORKDIR/forget_<forget>_to_<override>`` (another pair reuses stages 1-4)
+                 -> ``WORKDIR/forget_<forget>_to_<override>`` (another pair reuses stages 1-4); several
+                 concepts at once (``--forget=zero,seven --override=one,one``): a forget table
+                 ``WORKDIR/prompts/forget_<run>.csv`` (``prompts.forget_table``), remain = the captions of the
+                 classes not forgotten -> ``WORKDIR/forget_zero-seven_to_one-one``
   6. samples     ``samples_{teacher,student,generator}.npz`` (``images`` uint8 NHWC at the data's resolution,
                  ``labels`` = class of the prompt's concept, ``n_per_class`` per concept, prompts = the templates
                  cycled), ``grid_{real,teacher,student,generator}.png`` (one row per concept), ``report.md``,
-                 ``report.json``.
+                 ``report.json``. A several-concept run writes its own ``samples_generator_<run>.npz``,
+                 ``grid_generator_<run>.png`` and ``report_<run>.{json,md}`` (teacher and student samples shared).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ import numpy as np
 
 from sfd_jax.cli_utils import UsageError
 from sfd_jax.demo_stages import BackgroundStage, StageLog, banner
-from sfd_jax.sd.demo_report import build_report, recognition, report_markdown, save_concept_grid
+from sfd_jax.sd.demo_report import (build_multi_report, build_report, multi_report_markdown, recognition,
+                                    report_markdown, save_concept_grid)
 
 @dataclasses.dataclass(frozen=True)
 class SDDemoSettings:
@@ -76,6 +81,40 @@ def write_prompt_files(folder: str, data, forget: int) -> dict[str, str]:
         with open(paths[key], "w") as f:
             f.write("\n".join(lines) + "\n")
     return paths
+
+
+def write_table_files(folder: str, data, forget: tuple[int, ...], override: tuple[int, ...], run: str) -> dict:
+    """Prompt files of a several-concept run under ``folder``: ``<concept>.txt`` per forgotten class (its
+    captions), ``remain_<run>.txt`` (the captions of the classes not forgotten) and the forget table
+    ``forget_<run>.csv`` (concept = the class name as a literal regex, override = the override class's name,
+    forget_prompts = the concept's file); returns {"remain": path, "table": path}."""
+    import csv
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for k, o in zip(forget, override):
+        name = f"{_slug(data.class_names[k])}.txt"
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(data.all_captions(k)) + "\n")
+        rows.append([re.escape(data.class_names[k]), data.class_names[o], name])
+    remain = os.path.join(folder, f"remain_{run}.txt")
+    with open(remain, "w") as f:
+        f.write("\n".join(c for k in range(data.n_classes) if k not in forget for c in data.all_captions(k)) + "\n")
+    table = os.path.join(folder, f"forget_{run}.csv")
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["concept", "override", "forget_prompts"])
+        w.writerows(rows)
+    return {"remain": remain, "table": table}
+
+
+def stage_key(config) -> dict:
+    """A training stage's key in ``demo_state.json``: its config, less an empty ``prompts.forget_table`` (the key
+    came with several-concept runs; single-concept stages recorded before it are still reused)."""
+    from sfd_jax.demo_stages import plain
+    key = plain(config)
+    if "prompts" in key and not key["prompts"].get("forget_table", None):
+        key["prompts"].pop("forget_table", None)
+    return key
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -125,7 +164,7 @@ def sfd_config(variant: str, world: str, prompts: dict, data, forget: int, overr
 def train_stage(name: str, trainer_cls, config, workdir: str, total: int, log) -> None:
     """Run, resume or reuse a training run of ``config`` in ``workdir`` (``total`` = its number of steps)."""
     from sfd_jax.demo_stages import train_stage as run_stage
-    run_stage(name, lambda: trainer_cls(config, workdir).run(), config, workdir, log, total=total)
+    run_stage(name, lambda: trainer_cls(config, workdir).run(), stage_key(config), workdir, log, total=total)
 
 
 def classifier_stage(out_dir: str, data, held_out, s: SDDemoSettings, log, stop=None):
@@ -170,6 +209,49 @@ def sample_stage(name: str, out_path: str, sampler, params, data, s: SDDemoSetti
 
 
 # --------------------------------------------------------------------------------------------------- main
+def resolve_concept_lists(data, forget: str | None, override: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Class indices of ``--forget`` (one name or several separated by commas) and ``--override`` (one name for
+    all, one per forgotten concept, or by default each concept's next class that is not forgotten); one-line
+    UsageErrors for an unknown name, a concept listed twice, a count mismatch or an override that is forgotten."""
+    if forget is None or "," not in str(forget) and (override is None or "," not in str(override)):
+        k, o = resolve_concepts(data, forget, override)
+        return (k,), (o,)
+    names = list(data.class_names)
+    ks = tuple(_index(names, n.strip(), "forget") for n in str(forget).split(","))
+    twice = [k for i, k in enumerate(ks) if k in ks[:i]]
+    if twice:
+        raise UsageError(f"--forget lists {names[twice[0]]!r} twice")
+    if override is None:
+        def nxt(k):
+            o = (k + 1) % len(names)
+            while o in ks:
+                o = (o + 1) % len(names)
+            return o
+        if len(ks) >= len(names):
+            raise UsageError("--forget lists every concept; nothing is left to override them with")
+        os_ = tuple(nxt(k) for k in ks)
+    else:
+        os_ = tuple(_index(names, n.strip(), "override") for n in str(override).split(","))
+        if len(os_) == 1:
+            os_ = os_ * len(ks)
+        if len(os_) != len(ks):
+            raise UsageError(f"--override names {len(os_)} concepts but --forget {len(ks)}: give one override for all, "
+                             "or one per forgotten concept")
+    inside = [o for o in os_ if o in ks]
+    if inside:
+        raise UsageError(f"--override {names[inside[0]]!r} is one of the forgotten concepts")
+    return ks, os_
+
+
+def _index(names: list[str], name: str, flag: str) -> int:
+    if name in names:
+        return names.index(name)
+    lower = [n.lower() for n in names]
+    if str(name).lower() in lower:
+        return lower.index(str(name).lower())
+    raise UsageError(f"--{flag} {name!r} is not a class name; expected one of {', '.join(names)}")
+
+
 def resolve_concepts(data, forget: str | None, override: str | None) -> tuple[int, int]:
     """Class indices of --forget (default: the first class) and --override (default: the next class)."""
     names = list(data.class_names)
@@ -211,7 +293,9 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
         n = max(1, len(train.dataset) // 10)
         held = train.dataset.subset(np.arange(len(train.dataset) - n, len(train.dataset)))
         train = dataclasses.replace(train, dataset=train.dataset.subset(np.arange(len(train.dataset) - n)))
-    k, o = resolve_concepts(train, forget, override)
+    ks, os_ = resolve_concept_lists(train, forget, override)
+    several = len(ks) > 1
+    k, o = (ks, os_) if several else (ks[0], os_[0])
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     log = StageLog(workdir)
@@ -226,19 +310,30 @@ def run_sd_demo(workdir: str = "demo_sd", *, data: str = "digits", class_names: 
 
     banner(f"6/6 samples ({s.n_per_class} per concept), evaluation and report")
     world_dir, student_dir = os.path.join(workdir, "world"), os.path.join(workdir, "student")
-    forget_dir = os.path.join(workdir, f"forget_{_pair(train, k, o)}")
+    pair = _pair(train, k, o)
+    forget_dir = os.path.join(workdir, f"forget_{pair}")
     world = json.load(open(os.path.join(workdir, "world_base", "world.json")))
-    rates = _sample_all(workdir, world_dir, student_dir, forget_dir, train, s, log, clf)
-    report = build_report(train, k, o, clf, world, rates, log, time.perf_counter() - t_start, s)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
+    sfx = f"_{pair}" if several else ""
+    rates = _sample_all(workdir, world_dir, student_dir, forget_dir, train, s, log, clf, generator_suffix=sfx)
+    if several:
+        report = build_multi_report(train, ks, os_, clf, world, rates, log, time.perf_counter() - t_start, s, sfx)
+        md = multi_report_markdown(report)
+    else:
+        report = build_report(train, k, o, clf, world, rates, log, time.perf_counter() - t_start, s)
+        md = report_markdown(report)
+    with open(os.path.join(workdir, f"report{sfx}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report_markdown(report))
-    print("\n" + report_markdown(report), flush=True)
+    with open(os.path.join(workdir, f"report{sfx}.md"), "w") as f:
+        f.write(md)
+    print("\n" + md, flush=True)
     return report
 
 
-def _pair(train, k: int, o: int) -> str:
+def _pair(train, k, o) -> str:
+    """``zero_to_one``; several concepts: ``zero-seven_to_one-one``."""
+    if isinstance(k, tuple):
+        return "-".join(_slug(train.class_names[i]) for i in k) + "_to_" + \
+            "-".join(_slug(train.class_names[i]) for i in o)
     return f"{_slug(train.class_names[k])}_to_{_slug(train.class_names[o])}"
 
 
@@ -274,16 +369,24 @@ def _train_stages(workdir, spec, train, held, k, o, s, log, job):
         export_diffusers(teacher_dir, base, world_dir)
         log.record("export", t_cfg, time.perf_counter() - t0)
 
-    prompts = write_prompt_files(os.path.join(workdir, "prompts"), train, k)
-    st_cfg = sfd_config("student", world_dir, prompts, train, k, o, s)
+    several = isinstance(k, tuple)
+    prompts = write_prompt_files(os.path.join(workdir, "prompts"), train, k[0] if several else k)
+    st_cfg = sfd_config("student", world_dir, prompts, train, k[0] if several else k, o[0] if several else o, s)
     banner(f"3/6 student: one-step SiD distillation, {st_cfg.training.duration_kimg} kimg of batch "
            f"{st_cfg.training.batch}")
     student_dir = os.path.join(workdir, "student")
     train_stage("student", SDTrainer, st_cfg, student_dir, _sd_steps(st_cfg), log)
-    f_cfg = sfd_config("forget", world_dir, prompts, train, k, o, s, generator_init=student_dir)
-    banner(f"4/6 forgetting {train.class_names[k]!r} -> {train.class_names[o]!r}: {f_cfg.training.duration_kimg} "
-           f"kimg of batch {f_cfg.training.batch}")
     pair = _pair(train, k, o)
+    if several:
+        table = write_table_files(os.path.join(workdir, "prompts"), train, k, o, pair)
+        f_cfg = sfd_config("forget", world_dir, prompts, train, k[0], o[0], s, generator_init=student_dir)
+        f_cfg.prompts.remain, f_cfg.prompts.forget_table = table["remain"], table["table"]
+        f_cfg.prompts.forget = f_cfg.prompts.concept_to_forget = f_cfg.prompts.concept_to_override = ""
+        what = ", ".join(f"{train.class_names[a]!r} -> {train.class_names[b]!r}" for a, b in zip(k, o))
+    else:
+        f_cfg = sfd_config("forget", world_dir, prompts, train, k, o, s, generator_init=student_dir)
+        what = f"{train.class_names[k]!r} -> {train.class_names[o]!r}"
+    banner(f"4/6 forgetting {what}: {f_cfg.training.duration_kimg} kimg of batch {f_cfg.training.batch}")
     forget_dir = os.path.join(workdir, f"forget_{pair}")
     train_stage(f"forget_{pair}", SDTrainer, f_cfg, forget_dir, _sd_steps(f_cfg), log)
 
@@ -302,7 +405,10 @@ def _restore_unet(path: str, comps):
     return restore_generator(path, abstract_params(comps.unet), prefer=("generator_ema", "generator"))
 
 
-def _sample_all(workdir, world_dir, student_dir, forget_dir, data, s: SDDemoSettings, log, clf) -> dict:
+def _sample_all(workdir, world_dir, student_dir, forget_dir, data, s: SDDemoSettings, log, clf,
+                generator_suffix: str = "") -> dict:
+    """Samples, grids and recognition rates of the teacher, the student and the forgetting generator (whose stage
+    and files carry ``generator_suffix``: a several-concept run's own)."""
     import jax
     from sfd_jax import parallel
     from sfd_jax.sd.pipeline import load_components
@@ -326,9 +432,10 @@ def _sample_all(workdir, world_dir, student_dir, forget_dir, data, s: SDDemoSett
             _, step, params = _restore_unet(key["run"], comps)
             key = {**key, "step": step}
         key = {**key, "n": s.n_per_class, "seed": s.sample_seed, "templates": list(data.templates)}
-        imgs, labels = sample_stage(f"samples_{name}", os.path.join(workdir, f"samples_{name}.npz"), sampler,
+        tag = name + (generator_suffix if name == "generator" else "")
+        imgs, labels = sample_stage(f"samples_{tag}", os.path.join(workdir, f"samples_{tag}.npz"), sampler,
                                     jax.device_put(params), data, s, key, log)
-        save_concept_grid(imgs, labels, data.n_classes, os.path.join(workdir, f"grid_{name}.png"), s.grid_per_class)
+        save_concept_grid(imgs, labels, data.n_classes, os.path.join(workdir, f"grid_{tag}.png"), s.grid_per_class)
         rates[name] = recognition(clf, imgs, labels, data.n_classes)
     save_concept_grid(data.dataset.images, data.dataset.labels, data.n_classes, os.path.join(workdir, "grid_real.png"),
                       s.grid_per_class)

@@ -92,3 +92,73 @@ def report_markdown(r: dict) -> str:
     return "\n".join(md) + "\n"
 
 
+
+
+def build_multi_report(data, forget: tuple[int, ...], override: tuple[int, ...], clf, world: dict, rates: dict, log,
+                       wall: float, s, suffix: str) -> dict:
+    """The report of a run forgetting several concepts at once: per forgotten concept its rate as itself (<= 0.10)
+    and as its own override (>= 0.50); the concepts not forgotten: generator / teacher rate (mean >= 0.85)."""
+    t, g = rates["teacher"], rates["generator"]
+    names = list(data.class_names)
+    others = [c for c in range(data.n_classes) if c not in forget]
+    t_other = float(np.mean([t[str(c)]["rate"] for c in others]))
+    g_other = float(np.mean([g[str(c)]["rate"] for c in others]))
+    checks, per_forgotten = {}, {}
+    for k, o in zip(forget, override):
+        n_k = max(sum(g[str(k)]["recognised_as"]), 1)
+        per_forgotten[names[k]] = {"override": names[o], "rate_as_itself": g[str(k)]["rate"],
+                                   "rate_as_override": g[str(k)]["recognised_as"][o] / n_k,
+                                   "teacher_rate": t[str(k)]["rate"], "student_rate": rates["student"][str(k)]["rate"]}
+        for key, v, what in (("forgotten_rate", g[str(k)]["rate"], f"generator images of {names[k]!r} recognised as it"),
+                             ("override_rate", per_forgotten[names[k]]["rate_as_override"],
+                              f"... of {names[k]!r} recognised as its override {names[o]!r}")):
+            op, thr = TARGETS[key]
+            checks[f"{key}_{names[k]}"] = {"what": what, "value": v, "target": f"{op} {thr:.2f}",
+                                           "pass": bool(v <= thr if op == "<=" else v >= thr)}
+    op, thr = TARGETS["others_kept_ratio"]
+    ratio = g_other / max(t_other, 1e-9)
+    checks["others_kept_ratio"] = {"what": f"the {len(others)} other concepts: generator rate / teacher rate (mean)",
+                                   "value": ratio, "target": f"{op} {thr:.2f}", "pass": bool(ratio >= thr)}
+    return {
+        "fast": s.fast, "forget": [names[k] for k in forget], "override": [names[o] for o in override],
+        "forget_class": list(forget), "override_class": list(override), "class_names": names,
+        "templates": list(data.templates), "all_targets_met": all(c["pass"] for c in checks.values()),
+        "targets": checks, "per_forgotten": per_forgotten,
+        "others_min_ratio": float(min(g[str(c)]["rate"] / max(t[str(c)]["rate"], 1e-9) for c in others)),
+        "per_concept": {names[c]: {w: rates[w][str(c)]["rate"] for w in rates} for c in range(data.n_classes)},
+        "recognition": rates, "world": world,
+        "classifier": {k: clf.meta[k] for k in ("held_out_accuracy", "n_train", "n_held_out")},
+        "settings": dataclasses.asdict(s),
+        "timings_s": {"stages": log.this_run, "total_this_run": round(wall, 2)},
+        "files": ["samples_teacher.npz", "samples_student.npz", f"samples_generator{suffix}.npz", "grid_real.png",
+                  "grid_teacher.png", "grid_student.png", f"grid_generator{suffix}.png"],
+    }
+
+
+def multi_report_markdown(r: dict) -> str:
+    pairs = ", ".join(f"\"{k}\" -> \"{o}\"" for k, o in zip(r["forget"], r["override"]))
+    md = [f"# SFD text-to-image demo: forgetting {len(r['forget'])} concepts in one run ({pairs})", ""]
+    if r["fast"]:
+        md += ["**fast run: every stage shrunk to seconds; the numbers mean nothing.**", ""]
+    md += ["| target | value | required | result |", "|---|---|---|---|"]
+    md += [f"| {c['what']} | {c['value']:.3f} | {c['target']} | {'PASS' if c['pass'] else 'FAIL'} |"
+           for c in r["targets"].values()]
+    md += ["", "## Recognised as the prompted concept (evaluation classifier)", "",
+           "| concept | teacher | student | generator (after forgetting) |", "|---|---|---|---|"]
+    overrides = set(r["override"])
+    for name, v in r["per_concept"].items():
+        mark = " (forgotten)" if name in r["forget"] else (" (override)" if name in overrides else "")
+        md.append(f"| {name}{mark} | {v['teacher']:.3f} | {v['student']:.3f} | {v['generator']:.3f} |")
+    md += ["", "| forgotten concept | override | recognised as itself | recognised as its override |",
+           "|---|---|---|---|"]
+    md += [f"| {k} | {v['override']} | {v['rate_as_itself']:.3f} | {v['rate_as_override']:.3f} |"
+           for k, v in r["per_forgotten"].items()]
+    f = r["files"]
+    md += ["", f"Lowest generator/teacher ratio of the other concepts: {r['others_min_ratio']:.3f}. Classifier "
+           f"held-out accuracy {r['classifier']['held_out_accuracy']:.4f}.", "",
+           f"Grids (one row per concept): teacher ![teacher]({f[4]}) student ![student]({f[5]}) generator "
+           f"![generator]({f[6]})", "", "## Timings", "", "| stage | seconds | |", "|---|---|---|"]
+    for name, v in r["timings_s"]["stages"].items():
+        md.append(f"| {name} | {v['seconds']:.1f} | {'reused' if v['reused'] else ''} |")
+    md.append(f"| total | {r['timings_s']['total_this_run']:.1f} | |")
+    return "\n".join(md) + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import sys
 
 import jax
@@ -209,3 +209,31 @@ def test_forgetting_metrics_of_several_classes():
     single = forgetting_metrics(logits, labels, 2)
     assert forgetting_metrics(logits, labels, (2,)) == single and "forgotten_per_class" not in single
     assert "forgotten class 1" in format_table(r) and "forgotten class 2" in format_table(r)
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+def test_demo_flags_names_and_refusals():
+    from sfd_jax.ddpm.demo import check_digits, run_names, sfd_config
+    from sfd_jax.demo import parse_digits
+    assert parse_digits("2,5,7", "--forget") == (2, 5, 7) and parse_digits("3", "--forget") == (3,)
+    for text, message in (("10", "--forget must be a digit 0..9, got 10"),
+                          ("2,x", "--forget must be digits 0..9 separated by commas, got '2,x'")):
+        with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+            parse_digits(text, "--forget")
+    for forget, override, message in (((2, 5, 2), None, "--forget lists digit 2 twice"),
+                                      ((2, 5, 7), (1, 1), "--override must be one digit 0..9 or one per forgotten"),
+                                      ((2, 5, 7), (5,), "--override digit 5 is one of the forgotten digits")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            check_digits(forget, override)
+    # the default single-digit run keeps its names; others tag theirs (no file of another run is overwritten)
+    assert run_names(3)["run"] == "sfd_forget3" and run_names(3)["report_json"] == "report.json"
+    n = run_names((2, 5, 7))
+    assert (n["run"], n["report_json"], n["samples_generator"], n["grid_generator"]) == (
+        "sfd_forget2-5-7", "report_forget2-5-7.json", "samples_generator_forget2-5-7.npz",
+        "grid_generator_forget2-5-7.png")
+    assert run_names((2, 5, 7), (1, 1, 1))["run"] == "sfd_forget2-5-7_to1"
+    assert run_names((2, 5, 7), (1, 4, 1))["run"] == "sfd_forget2-5-7_to1-4-1"
+    c = sfd_config("t", (2, 5, 7), override=(1, 1, 1))
+    assert c.distill.label_to_forget == (2, 5, 7) and c.distill.label_to_override == 1
+    assert sfd_config("t", (1, 5)).distill.label_to_override is None       # the recipe's override forgotten: 'rand'
+    assert sfd_config("t", 3).to_json() == sfd_config("t", (3,)).to_json()
