@@ -154,17 +154,27 @@ def initial_noise(seed: int, n: int, shape: tuple[int, int, int]) -> np.ndarray:
 def recognised(clf, images: np.ndarray, target: int) -> float:
     """The share of ``images`` (float data space, NHWC) the classifier recognises as ``target``, after the uint8
     quantisation every sample goes through (:func:`sfd_jax.image_io.to_uint8`)."""
-    from sfd_jax.eval.classifier_train import to_model_input
-    from sfd_jax.image_io import to_uint8
     if len(images) == 0:
         return float("nan")
+    return float(np.mean(predictions(clf, images) == target))
+
+
+def recognised_as(clf, images: np.ndarray) -> list[int]:
+    """How many of ``images`` the classifier puts in each class (a histogram of length n_classes)."""
+    return np.bincount(predictions(clf, images), minlength=clf.config.n_classes).tolist()
+
+
+def predictions(clf, images: np.ndarray) -> np.ndarray:
+    """The classifier's class (argmax) for every image (float data space, NHWC, uint8-quantised first)."""
+    from sfd_jax.eval.classifier_train import to_model_input
+    from sfd_jax.image_io import to_uint8
     fn, mesh = _predict_fn(clf.config)
     mult = parallel_divisor(mesh)
     x = to_model_input(to_uint8(images))
     pad = -len(x) % mult
     x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)]) if pad else x
     logits = np.asarray(fn(clf.variables, x))[: len(images)]
-    return float(np.mean(np.argmax(logits, -1) == target))
+    return np.argmax(logits, -1)
 
 
 @functools.lru_cache(maxsize=8)

@@ -11,7 +11,8 @@ every sampler step, each step's network call rematerialised). z_i: the standard-
 ``spec.seed``); dim = H·W·C, so ``budget`` is the largest RMS change per noise entry (the noise's own RMS is 1).
 Optimiser: Adam (``spec.lr``) for ``spec.steps`` steps from δ = 0, each step followed by the projection onto the
 ball (PGD); the last iterate is reported. Pre / post: the share of the n samples (uint8-quantised) that the
-attacker and the independent judge recognise as the target, before (δ = 0) and after the attack.
+attacker and the independent judge recognise as the target, before (δ = 0) and after the attack; ``OUT.npz``
+holds both image sets (``pre``, ``post``: uint8 NHWC).
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ import optax
 from tqdm.auto import tqdm
 
 from sfd_jax.attacks.ddpm_model import (check_classifiers_fit, classifier_log_prob, initial_noise,
-                                        load_attacked_model, load_classifiers, recognised, target_class)
+                                        load_attacked_model, load_classifiers, recognised, recognised_as,
+                                        target_class)
 from sfd_jax.attacks.spec import AttackResult, AttackSpec, describe
 from sfd_jax.cli_utils import UsageError
+from sfd_jax.image_io import to_uint8
 
 # Rematerialise the DDIM steps' network calls when a batch's image-evaluations (samples × NFE) exceed this: below it
 # the activations of the whole trajectory fit in a few GB (8x8 digits UNet: ~1 GB at 32 samples × 40 NFE).
@@ -113,9 +116,12 @@ def run(spec: AttackSpec, *, progress: bool = True) -> AttackResult:
            "pre_attacker": recognised(attacker, x_pre, target), "post_attacker": recognised(attacker, x_post, target),
            "mean_delta_rms": float(rms.mean()), "max_delta_rms": float(rms.max()),
            "objective_pre": objective[0] if spec.steps else objective[-1], "objective_post": objective[-1],
-           "sampler": am.sampler, "nfe_per_image": am.nfe}
+           "sampler": am.sampler, "nfe_per_image": am.nfe,
+           "post_judge_recognised_as": recognised_as(judge, x_post),
+           "post_attacker_recognised_as": recognised_as(attacker, x_post)}
     wall = time.perf_counter() - t0
     row["wall_seconds"] = round(wall, 2)
     return AttackResult(spec, [row], describe(attacker), describe(judge), wall,
                         extra={"model": am.describe(), "target_class": target, "objective": objective,
-                               "noise_dim": dim, "radius_l2": radius})
+                               "noise_dim": dim, "radius_l2": radius},
+                        arrays={"pre": to_uint8(x_pre), "post": to_uint8(x_post)})

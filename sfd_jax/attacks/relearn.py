@@ -33,9 +33,10 @@ import optax
 from tqdm.auto import tqdm
 
 from sfd_jax.attacks.ddpm_model import (AttackedModel, check_classifiers_fit, initial_noise, load_attacked_model,
-                                        load_classifiers, recognised, target_class)
+                                        load_classifiers, recognised, recognised_as, target_class)
 from sfd_jax.attacks.spec import AttackResult, AttackSpec, describe
 from sfd_jax.cli_utils import UsageError
+from sfd_jax.image_io import to_uint8
 
 THRESHOLD = 0.5
 
@@ -136,11 +137,14 @@ def run(spec: AttackSpec, *, progress: bool = True) -> AttackResult:
     noise = initial_noise(spec.seed, n_pad, am.image_shape)
     labels = np.full((n_pad,), target, np.int32)
 
+    last = {}
+
     def evaluate(params):
         x = np.asarray(sampler(params, noise, labels, jax.random.key(0)))[: spec.n]
+        last["x"] = x
         return recognised(judge, x, target), recognised(attacker, x, target)
 
-    rows, curves = [], {}
+    rows, curves, arrays = [], {}, {}
     for k in spec.k:
         t0 = time.perf_counter()
         params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), am.params)
@@ -175,10 +179,14 @@ def run(spec: AttackSpec, *, progress: bool = True) -> AttackResult:
                      "post_attacker": curve[-1][2], "steps_run": s, "max_steps": int(spec.steps),
                      "eval_every": int(spec.eval_every), "lr": float(spec.lr), "batch": int(bs), "n": int(spec.n),
                      "loss_first": next((c[3] for c in curve if c[3] is not None), None),
-                     "loss_last": curve[-1][3], "wall_seconds": round(time.perf_counter() - t0, 2)})
+                     "loss_last": curve[-1][3],
+                     "post_judge_recognised_as": recognised_as(judge, last["x"]),
+                     "post_attacker_recognised_as": recognised_as(attacker, last["x"]),
+                     "wall_seconds": round(time.perf_counter() - t0, 2)})
         curves[str(k)] = curve
+        arrays[f"k{k}"] = to_uint8(last["x"])
     wall = time.perf_counter() - t_start
     return AttackResult(spec, rows, describe(attacker), describe(judge), wall,
                         extra={"model": am.describe(), "target_class": target, "threshold": THRESHOLD,
                                "curves": curves, "objective": "x0_regression_at_t_init" if am.sampler == "one_step"
-                               else "eps_prediction"})
+                               else "eps_prediction"}, arrays=arrays)

@@ -61,13 +61,15 @@ class AttackResult:
     judge: dict[str, Any]
     wall_seconds: float
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # written as OUT.npz (e.g. images)
 
     def to_json(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "rows": self.rows, "attacker": self.attacker,
                 "judge": self.judge, "wall_seconds": round(self.wall_seconds, 2), **self.extra}
 
     def write(self, out: str | None = None) -> tuple[str, str]:
-        """``OUT.json`` (everything) and ``OUT.csv`` (the rows); returns both paths."""
+        """``OUT.json`` (everything), ``OUT.csv`` (the rows) and, when there are ``arrays``, ``OUT.npz``; returns the
+        JSON and CSV paths."""
         out = out or self.spec.out
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         js, cs = out + ".json", out + ".csv"
@@ -80,6 +82,8 @@ class AttackResult:
             for row in self.rows:
                 w.writerow({"kind": self.spec.kind, "checkpoint": self.spec.checkpoint, "target": self.spec.target,
                             **row})
+        if self.arrays:
+            np.savez_compressed(out + ".npz", **self.arrays)
         return js, cs
 
 

@@ -24,6 +24,7 @@ import time
 from sfd_jax.cli_utils import UsageError
 
 ATTACKS = ("latent", "relearn")
+STAGE_VERSION = 2       # part of every attack stage's key: results of older attack code are not reused
 JUDGE = {"arch": "resnet18", "epochs": 5, "batch_size": 128, "lr": 3e-3, "crop_pad": 1, "seed": 1}
 FAST_JUDGE = dict(JUDGE, epochs=1)
 SETTINGS = {"latent": dict(n=32, steps=20, lr=0.1, budget=0.5),
@@ -95,7 +96,7 @@ def attack_stage(kind: str, method: str, run_dir: str, weights: str, workdir: st
     spec = AttackSpec(kind=kind, checkpoint=os.path.abspath(run_dir), target=str(int(forget)),
                       attacker_classifier=attacker, judge_classifier=judge, out=out, weights=weights, seed=0,
                       **(FAST_SETTINGS if fast else SETTINGS)[kind])
-    key = plain({"spec": dataclasses.asdict(spec), "step": latest_step(run_dir),
+    key = plain({"version": STAGE_VERSION, "spec": dataclasses.asdict(spec), "step": latest_step(run_dir),
                  "attacker": fingerprint(load_classifier(attacker).variables),
                  "judge": fingerprint(load_classifier(judge).variables)})
     name = f"attack_{kind}_{method}"

@@ -65,9 +65,12 @@ def test_latent_raises_the_attackers_objective_within_its_budget(world, model):
     assert row["sampler"] == model and row["nfe_per_image"] == (1 if model == "one_step" else 4)
     for key in ("pre_judge", "post_judge", "pre_attacker", "post_attacker"):
         assert 0.0 <= row[key] <= 1.0
+    assert sum(row["post_judge_recognised_as"]) == spec.n and len(row["post_attacker_recognised_as"]) == 10
     assert res.attacker["fingerprint"] != res.judge["fingerprint"]
     js, cs = res.write()
     assert json.load(open(js))["rows"][0]["budget"] == spec.budget and open(cs).readline().startswith("kind,")
+    with np.load(spec.out + ".npz") as z:
+        assert z["pre"].shape == z["post"].shape == (4, 8, 8, 1) and z["post"].dtype == np.uint8
 
 
 @pytest.mark.parametrize("model", ["one_step", "ddim"])
