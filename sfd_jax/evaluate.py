@@ -148,8 +148,14 @@ def forgetting_main() -> dict:
     forget = FLAGS.forget if FLAGS.forget is not None else forget_default
     if forget is None:
         raise UsageError("pass --forget=K (the forgotten class), or --forget=-1 for per-class accuracies only")
-    forget = None if forget == -1 else int(forget)
-    if forget is not None and not 0 <= forget < clf.config.n_classes:
+    if isinstance(forget, (list, tuple)):    # a checkpoint of a run that forgot several classes
+        forget = tuple(int(k) for k in forget)
+        if any(not 0 <= k < clf.config.n_classes for k in forget):
+            raise UsageError(f"the checkpoint's distill.label_to_forget={forget} is outside the classifier's "
+                             f"classes [0, {clf.config.n_classes})")
+    else:
+        forget = None if forget == -1 else int(forget)
+    if isinstance(forget, int) and not 0 <= forget < clf.config.n_classes:
         raise UsageError(f"--forget={forget} is outside the classifier's classes [0, {clf.config.n_classes})")
     result = score_samples(clf, FLAGS.classifier, images, labels, forget, batch_size=FLAGS.batch,
                            progress=FLAGS.progress, original_normalisation=FLAGS.original_normalisation)
