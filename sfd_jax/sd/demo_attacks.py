@@ -185,16 +185,17 @@ def attacks_markdown(summary: dict) -> str:
           "leaderboard reports it. The attacker is the demo's evaluation CNN; the judge an independently trained "
           f"{j['arch']} (seed {j['seed']}, held-out accuracy {j['held_out_accuracy']:.3f}).", "",
           "| attack | model | target | setting | pre-attack ASR (judge) | post-attack ASR (judge) | pre (attacker) | "
-          "post (attacker) | check | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "post (attacker) | check | run s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         md.append(f"| {r['attack']} | {r['model']} | {r['target']} | {r['setting']} | {r['pre_judge']:.2f} | "
                   f"**{r['post_judge']:.2f}** | {r['pre_attacker']:.2f} | {r['post_attacker']:.2f} | "
-                  f"{r['check']:.2f} ({r['check_what']}) | {r['seconds'] if r['seconds'] is not None else ''} |")
+                  f"{r['check']:.2f} ({r['check_what']}) | {r['wall_seconds']:.0f} |")
     md += ["", "prompt: Δ per word token, ‖Δ_j‖₂ ≤ budget·√D (the tokens' own RMS per coordinate: "
            f"{summary.get('token_norm_rms', float('nan')):.4f}); inversion: v* from k teacher images. "
            "No model of this world never learned the concept, so there is no floor here: the student calibrates "
            "the concept-present end, the kept concept checks that the attack leaves known concepts recognised, and "
-           "the judge/attacker gap shows how much of the success only the attacked classifier sees.", ""]
+           "the judge/attacker gap shows how much of the success only the attacked classifier sees. run s: wall "
+           "seconds of the whole attack run (compiles, teacher images, every setting).", ""]
     return "\n".join(md)
 
 
@@ -244,8 +245,10 @@ def run_sd_attacks(workdir: str, kinds, *, data: str = "digits", class_names: st
         report["attacks"] = {k: v for k, v in summary.items() if k != "results"}
         with open(report_path, "w") as f:
             json.dump(report, f, indent=2)
-        from sfd_jax.sd.demo_report import report_markdown
-        with open(os.path.join(workdir, "report.md"), "w") as f:
-            f.write(report_markdown(report) + "\n" + md)
+        md_path = os.path.join(workdir, "report.md")
+        text = open(md_path).read() if os.path.isfile(md_path) else ""
+        text = text.split("\n" + md.splitlines()[0] + "\n")[0].rstrip("\n")   # an earlier attacks section goes
+        with open(md_path, "w") as f:
+            f.write(text + "\n\n" + md)
     print("\n" + md, flush=True)
     return summary
