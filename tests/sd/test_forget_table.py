@@ -141,8 +141,9 @@ def test_one_tiny_sd_step_with_two_concepts(tmp_path, pipeline):
     state, sh, frozen, frozen_sh, txs = tr.build()
     batch = tr.device_batch(0)
     pairs = set(tr.prompts.forget.pairs)
-    rows = [(tr.prompts.strings[f], tr.prompts.strings[o]) for k in ("sg", "g")
-            for f, o in zip(np.asarray(batch[f"{k}_forget"]).ravel(), np.asarray(batch[f"{k}_override"]).ravel())]
+    rows = [(tr.prompts.strings[f], tr.prompts.strings[o]) for b in [batch] + [tr.device_batch(i) for i in (1, 2, 3)]
+            for k in ("sg", "g")
+            for f, o in zip(np.asarray(b[f"{k}_forget"]).ravel(), np.asarray(b[f"{k}_override"]).ravel())]
     assert all(r in pairs for r in rows) and len({"woman" in o for _, o in rows}) == 2
     new, m = tr.make_step(sh, frozen_sh, txs)(state, frozen, batch, tr.root_key)
     assert int(jax.device_get(new.step)) == 1
