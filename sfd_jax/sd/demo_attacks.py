@@ -1,5 +1,6 @@
 r"""The SD demo's robustness stages (``python -m sfd_jax.demo --task=sd --attacks=inversion,prompt``): after the
-report, a judge classifier and the SD attacks on the forgetting run, the student and a kept concept.
+report, a judge classifier and the SD attacks on the forgetting run, the student, a kept concept and an untrained
+generator (the floor).
 
 Stages (in ``out_dir``, default the demo's workdir; reused when their settings are unchanged, as the demo's):
 
@@ -11,13 +12,17 @@ Stages (in ``out_dir``, default the demo's workdir; reused when their settings a
               forget   the forgetting run ``WORKDIR/forget_<a>_to_<b>``, target the forgotten concept <a>;
               student  ``WORKDIR/student`` (it never forgot <a>), target <a>: calibration — pre should be high;
               kept     the forgetting run, target a concept it kept (the first class other than <a> and <b>):
-                       pre should be high and stay so.
+                       pre should be high and stay so;
+              untrained  the world's UNet at its random initialisation used as the generator
+                       (``OUT/untrained_generator``), target <a>: it never learned any concept, so a judged
+                       success there means the attack fools classifiers rather than recovering the concept.
             -> ``OUT/attacks/<kind>_<run>.{json,csv,npz}``, summarised in ``OUT/attacks_sd.{json,md}``; with
             ``update_report`` the summary goes into ``report.json`` (key ``attacks``) and ``report.md`` too.
 
-What the sanity runs are not: a floor. No model of this world has never learned <a> (that would be a teacher
-retrained without <a>'s images and its student); the student calibrates the other end (the concept present), and
-the judge/attacker split is the guard against an attack that fools its classifier.
+What the floor is not: a model that learned every concept but <a> (a teacher retrained without <a>'s images and
+its student; not built here). The untrained generator never learned anything, so it bounds how much "success" the
+attack can manufacture from a generator with no knowledge at all; it does not show what a model that knows the
+neighbouring concepts could be pushed to draw. The student calibrates the other end (the concept present).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ class SDAttackSettings:
     prompt_steps: int = 100
     prompt_lr: float = 0.005
     prompt_budgets: tuple[float, ...] = (0.01, 0.04)   # RMS change per embedding coordinate (tokens: ~0.02)
-    inversion_steps: int = 300
+    inversion_steps: int = 500
     inversion_lr: float = 0.005
     inversion_batch: int = 16
     ks: tuple[int, ...] = (1, 8, 32)
@@ -128,6 +133,27 @@ def _runs(workdir: str, report: dict) -> list[tuple[str, str, str]]:
     return runs
 
 
+def untrained_generator(workdir: str, out: str) -> str:
+    """``out``: a checkpoint whose generator is the world's UNet at its random initialisation
+    (``WORKDIR/world_base/unet``), with the teacher pipeline ``WORKDIR/world`` as its ``sd.model`` — a generator that
+    never learned any concept, the floor of the judged success."""
+    if os.path.isdir(os.path.join(out, "checkpoints")):
+        return out
+    import jax
+    import ml_collections
+
+    from sfd_jax.checkpoint import Checkpointer
+    from sfd_jax.sd.pipeline import load_components
+    base = load_components(os.path.join(workdir, "world_base"), components=("unet",))
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"))
+    ckpt.save(0, {"generator": jax.device_get(base.unet_params)}, config=ml_collections.ConfigDict(
+        {"sd": {"model": os.path.join(workdir, "world")}, "distill": {"init_timestep": 625},
+         "note": "the world's UNet at its random initialisation (never trained)"}))
+    ckpt.wait()
+    ckpt.close()
+    return out
+
+
 def _attack(kind: str, label: str, checkpoint: str, target: str, attacker: str, judge: str, out: str,
             s: SDAttackSettings, log: StageLog, progress: bool) -> dict:
     from sfd_jax.attacks import sd_inversion, sd_prompt
@@ -158,7 +184,7 @@ def _attack(kind: str, label: str, checkpoint: str, target: str, attacker: str, 
 
 
 ROLE = {"forget": "forgetting run, forgotten concept", "student": "student (never forgot), same concept",
-        "kept": "forgetting run, a kept concept"}
+        "kept": "forgetting run, a kept concept", "untrained": "untrained generator (floor), same concept"}
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -192,10 +218,12 @@ def attacks_markdown(summary: dict) -> str:
                   f"{r['check']:.2f} ({r['check_what']}) | {r['wall_seconds']:.0f} |")
     md += ["", "prompt: Δ per word token, ‖Δ_j‖₂ ≤ budget·√D (the tokens' own RMS per coordinate: "
            f"{summary.get('token_norm_rms', float('nan')):.4f}); inversion: v* from k teacher images. "
-           "No model of this world never learned the concept, so there is no floor here: the student calibrates "
-           "the concept-present end, the kept concept checks that the attack leaves known concepts recognised, and "
-           "the judge/attacker gap shows how much of the success only the attacked classifier sees. run s: wall "
-           "seconds of the whole attack run (compiles, teacher images, every setting).", ""]
+           "Floor: the world's UNet at its random initialisation as the generator (it never learned any concept; "
+           "no model here learned every concept but the target, so this floor is weaker than a retrained one). "
+           "The student calibrates the concept-present end, the kept concept checks that the attack leaves known "
+           "concepts recognised, and the judge/attacker gap shows how much of the success only the attacked "
+           "classifier sees. run s: wall seconds of the whole attack run (compiles, teacher images, every "
+           "setting).", ""]
     return "\n".join(md)
 
 
@@ -223,9 +251,11 @@ def run_sd_attacks(workdir: str, kinds, *, data: str = "digits", class_names: st
     judge = judge_stage(os.path.join(out_dir, "judge"), train, held, s, log)
     print(f"judge held-out accuracy: {judge.meta['held_out_accuracy']:.4f}", flush=True)
     attacker = os.path.join(workdir, "classifier")
+    runs.append(("untrained", untrained_generator(workdir, os.path.join(out_dir, "untrained_generator")),
+                 runs[0][2]))
     results = {}
-    for kind in kinds:
-        for label, ckpt, target in runs:
+    for label, ckpt, target in runs:   # the forgetting run first: partial results are the most useful ones
+        for kind in kinds:
             out = os.path.join(out_dir, "attacks", f"{kind}_{label}")
             results[(kind, label)] = _attack(kind, label, ckpt, target, attacker, os.path.join(out_dir, "judge"),
                                              out, s, log, progress)

@@ -106,7 +106,7 @@ def test_sd_demo_attack_kinds_and_summary_table():
         [("prompt", "budget 0.04", 0.6, 0.5), ("inversion", "k = 8", 0.7, 1.0)]
     md = attacks_markdown({"judge": clf, "rows": rows, "token_norm_rms": 0.02})
     assert "| prompt | forgetting run, forgotten concept | zero | budget 0.04 | 0.00 | **0.60** |" in md
-    assert "no floor here" in md
+    assert "Floor: the world's UNet at its random initialisation" in md
 
 
 def test_sd_demo_refuses_a_bad_attack_kind_in_one_line(tmp_path):
