@@ -129,6 +129,12 @@ def run_attacks(workdir: str, forget: int, runs: list[tuple[str, str, str]], att
             entry[kind] = {"rows": res["rows"], "wall_seconds": res["wall_seconds"], "model": res.get("model")}
         per_method.append(entry)
     judge, attacker = load_classifier(judge_dir), load_classifier(os.path.join(workdir, "classifier"))
+    for entry in per_method:
+        for kind in attacks:
+            both = recognised_by_both(os.path.join(workdir, "attacks", f"{entry['method']}_{kind}.npz"), attacker,
+                                      judge, int(forget))
+            for row in entry[kind]["rows"]:
+                row["post_both"] = both.get("post" if kind == "latent" else f"k{row['k']}")
     marker = _read_json(os.path.join(judge_dir, "judge_stage.json")) or {}
     return {"kinds": list(attacks), "settings": {k: (FAST_SETTINGS if fast else SETTINGS)[k] for k in attacks},
             "judge": {"arch": judge.config.arch, "seed": judge.meta.get("train_config", {}).get("seed"),
@@ -138,6 +144,24 @@ def run_attacks(workdir: str, forget: int, runs: list[tuple[str, str, str]], att
                          "seed": attacker.meta.get("train_config", {}).get("seed"),
                          "held_out_accuracy": attacker.meta.get("held_out_accuracy")},
             "rows": per_method}
+
+
+def recognised_by_both(npz_path: str, attacker, judge, target: int) -> dict:
+    """{array name: share of its images that the judge AND the attacker recognise as ``target``} for an attack's
+    ``OUT.npz`` (uint8 NHWC); {} when there is none. Neither classifier alone: a judge can call noise a digit."""
+    import numpy as np
+
+    from sfd_jax.eval.classifier_train import predict_logits
+    if not os.path.exists(npz_path):
+        return {}
+    out = {}
+    with np.load(npz_path) as z:
+        for name in z.files:
+            x = z[name]
+            pa = predict_logits(attacker.config, attacker.variables, x).argmax(-1)
+            pj = predict_logits(judge.config, judge.variables, x).argmax(-1)
+            out[name] = float(np.mean((pa == target) & (pj == target)))
+    return out
 
 
 def _pct(v) -> str:
@@ -155,17 +179,19 @@ def attacks_markdown(a: dict) -> list[str]:
           f"Judge: {j['arch']} (seed {j['seed']}, held-out accuracy {j['held_out_accuracy']:.3f}), trained "
           f"independently of the attacker, the leaderboard's {at['arch']} (width {at['width']}, seed {at['seed']}); "
           "the attacks optimise against the attacker only. Recognition: the share of the attacked samples of the "
-          "forgotten digit that a classifier recognises as it.", ""]
+          "forgotten digit that a classifier recognises as it; 'both': recognised by the judge and the attacker "
+          "(a classifier alone can call noise a digit).", ""]
     if "latent" in a["kinds"]:
         s = a["settings"]["latent"]
         md += [f"**latent** (PGD with Adam on the input noise, {s['steps']} steps, lr {s['lr']:g}, ‖δ‖₂ ≤ "
                f"{s['budget']:g}·√dim per sample, {s['n']} samples; DDIM models through their sampler):", "",
-               "| method | judge: before → after | attacker: before → after | mean ‖δ‖/√dim | s |", "|---|---|---|---|---|"]
+               "| method | judge: before → after | attacker: before → after | both after | mean ‖δ‖/√dim | s |",
+               "|---|---|---|---|---|---|"]
         for r in a["rows"]:
             x = r["latent"]["rows"][0]
             md.append(f"| {r['method']} | {_pct(x['pre_judge'])} → **{_pct(x['post_judge'])}** | "
-                      f"{_pct(x['pre_attacker'])} → {_pct(x['post_attacker'])} | {x['mean_delta_rms']:.3f} | "
-                      f"{r['latent']['wall_seconds']:.0f} |")
+                      f"{_pct(x['pre_attacker'])} → {_pct(x['post_attacker'])} | {_pct(x.get('post_both'))} | "
+                      f"{x['mean_delta_rms']:.3f} | {r['latent']['wall_seconds']:.0f} |")
         md.append("")
     if "relearn" in a["kinds"]:
         s = a["settings"]["relearn"]
@@ -173,14 +199,15 @@ def attacks_markdown(a: dict) -> list[str]:
         md += [f"**relearn** (fine-tune on k real images of the forgotten digit, Adam lr {s['lr']:g}, batch "
                f"{s['batch']}, up to {s['steps']} steps, judged on {s['n']} samples every {s['eval_every']} steps): "
                "steps until ≥ 50 % are recognised ('never': not within the budget; 'retrain' never learned the "
-               "digit: the floor).", "",
+               "digit: the floor; a k stops when the judge reaches 50 %, so the attacker's count is within that "
+               "run). 'both': the share of the last samples that judge and attacker both recognise.", "",
                "| method | " + " | ".join(f"judge k={k}" for k in ks) + " | "
-               + " | ".join(f"attacker k={k}" for k in ks) + " | judge at the end (per k) | s |",
+               + " | ".join(f"attacker k={k}" for k in ks) + " | judge / both at the end (per k) | s |",
                "|---|" + "---|" * (2 * len(ks) + 2)]
         for r in a["rows"]:
             rows = {x["k"]: x for x in r["relearn"]["rows"]}
             md.append(f"| {r['method']} | " + " | ".join(_steps(rows[k]["steps_to_50_judge"]) for k in ks) + " | "
                       + " | ".join(_steps(rows[k]["steps_to_50_attacker"]) for k in ks) + " | "
-                      + " / ".join(_pct(rows[k]["post_judge"]) for k in ks)
+                      + ", ".join(f"{_pct(rows[k]['post_judge'])} / {_pct(rows[k].get('post_both'))}" for k in ks)
                       + f" | {r['relearn']['wall_seconds']:.0f} |")
     return md

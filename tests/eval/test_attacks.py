@@ -140,6 +140,7 @@ def test_leaderboard_attack_stage_is_reused_and_tabled(world, tmp_path, capsys):
     import shutil
 
     from sfd_jax.ddpm import leaderboard_attacks as la
+    from sfd_jax.eval.classifier_train import load_classifier
     assert la.parse_attacks(" relearn,latent,relearn") == ["relearn", "latent"] and la.parse_attacks("") == []
     with pytest.raises(Exception, match="unknown attack 'amnesia'; choose from latent, relearn"):
         la.parse_attacks("latent,amnesia")
@@ -158,4 +159,7 @@ def test_leaderboard_attack_stage_is_reused_and_tabled(world, tmp_path, capsys):
              "rows": [{"method": m, "latent": {"rows": [row], "wall_seconds": 1.0},
                        "relearn": {"rows": relearn_rows, "wall_seconds": 2.0}} for m in ("sfd", "retrain")]}
     md = "\n".join(la.attacks_markdown(board))
-    assert "| retrain |" in md and "judge k=1" in md and "| never | 2 | 25% |" in md
+    assert "| retrain |" in md and "judge k=1" in md and "| never | 2 | 25% / – |" in md
+    both = la.recognised_by_both(str(tmp_path / "attacks" / "sfd_latent.npz"), load_classifier(world["attacker"]),
+                                 load_classifier(world["judge"]), 3)
+    assert set(both) == {"pre", "post"} and all(0.0 <= v <= 1.0 for v in both.values())
