@@ -451,7 +451,8 @@ def attack_main() -> dict:
     js, cs = result.write()
     for row in result.rows:
         print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print(f"wrote {js} and {cs} ({result.wall_seconds:.1f} s)")
+    npz = f" and {spec.out}.npz" if result.arrays else ""
+    print(f"wrote {js}, {cs}{npz} ({result.wall_seconds:.1f} s)")
     return result.to_json()
 
 
