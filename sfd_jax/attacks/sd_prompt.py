@@ -8,7 +8,8 @@ What it does. The prompts naming the concept (the world's caption templates with
 a zero", ...; image i uses template i mod T) are tokenised as the generator sees them; the attack adds a change
 Δ_j to the text encoder's *input* embedding of every token of each prompt's words (not the start, end or padding
 tokens), one Δ per prompt shared by all its images, and maximises the attacker classifier's mean log-probability
-of the concept over the n generator images (fixed noises; Adam, ``steps`` steps, learning rate ``lr``). After
+of the concept over the n generator images (fixed noises; Adam, ``steps`` steps, learning rate ``lr``; the best
+iterate is kept, so the objective never ends below the unattacked one). After
 every step each token's change is projected onto ‖Δ_j‖₂ ≤ budget·√D (D = the embedding width), so ``budget`` is
 the allowed RMS change per embedding coordinate; the world's token embeddings have an RMS of about 0.02 per
 coordinate (the row ``token_norm_rms`` of the result gives the measured value), so budget 0.02 lets each word move
@@ -87,13 +88,14 @@ def prompt_attack(target: sd_common.SDTarget, attacker, judge, concept: int, *, 
         return delta * jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12)) * mask
 
     def step(delta, opt, params, clf_vars, z, w, pidx, radius):
-        g = jax.grad(objective)(delta, params, clf_vars, z, w, pidx)
+        """(the next Δ, optimiser state, the objective at the given Δ)."""
+        obj, g = jax.value_and_grad(objective)(delta, params, clf_vars, z, w, pidx)
         upd, opt = tx.update(jax.tree_util.tree_map(jnp.negative, g), opt, delta)   # ascent on the objective
-        return project(optax.apply_updates(delta, upd), radius), opt
+        return project(optax.apply_updates(delta, upd), radius), opt, obj
 
     data = (shard, shard, shard)
     step_fn = jax.jit(step, in_shardings=(repl, repl, repl, repl) + data + (repl,), out_shardings=repl,
-                      donate_argnums=(0, 1))
+                      donate_argnums=(1,))
     eval_fn = jax.jit(evaluate, in_shardings=(repl, repl, repl) + data, out_shardings=(shard, repl))
     z, z_fresh, w, pidx = (jax.device_put(a, shard) for a in (z, z_fresh, weight, pidx))
     scorer = sd_common.Scorer(attacker, judge, mesh=mesh)
@@ -112,11 +114,18 @@ def prompt_attack(target: sd_common.SDTarget, attacker, judge, concept: int, *, 
     for i, budget in enumerate(budgets):
         radius = jnp.float32(float(budget) * np.sqrt(dim))
         delta, opt = jnp.zeros_like(base), tx.init(jnp.zeros_like(base))
+        best, best_obj = delta, -np.inf
         t0 = time.perf_counter()
         for _ in tqdm(range(int(steps)), desc=f"prompt attack (budget {budget})", disable=not progress,
                       leave=False):
-            delta, opt = step_fn(delta, opt, params, clf_vars, z, w, pidx, radius)
+            new, opt, obj = step_fn(delta, opt, params, clf_vars, z, w, pidx, radius)
+            if float(obj) > best_obj:   # the best iterate (the objective of ``delta``, before this update)
+                best, best_obj = delta, float(obj)
+            delta = new
         (post_imgs, post_obj), (fresh_imgs, _) = run_eval(delta, z), run_eval(delta, z_fresh)
+        if post_obj < best_obj:         # the last iterate is not the best one: report the best
+            delta = best
+            (post_imgs, post_obj), (fresh_imgs, _) = run_eval(delta, z), run_eval(delta, z_fresh)
         used = np.linalg.norm(np.asarray(delta), axis=-1)[np.asarray(mask)[..., 0] > 0] / np.sqrt(dim)
         rows.append({"budget": float(budget), "steps": int(steps), "lr": float(lr), **pre,
                      **scorer.judged(post_imgs, concept, "post"), **scorer.judged(fresh_imgs, concept, "post_fresh"),
