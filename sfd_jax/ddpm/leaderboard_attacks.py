@@ -172,6 +172,14 @@ def _steps(v) -> str:
     return "never" if v is None else str(v)
 
 
+def _attacker_steps(row: dict) -> str:
+    """The attacker's steps to 50 %; '> N' when the run of that k stopped at N (the judge's hit) before it."""
+    v = row["steps_to_50_attacker"]
+    if v is None and row.get("steps_run", row.get("max_steps")) != row.get("max_steps"):
+        return f"> {row['steps_run']}"
+    return _steps(v)
+
+
 def attacks_markdown(a: dict) -> list[str]:
     """The leaderboard.md section of the ``attacks`` entry."""
     j, at = a["judge"], a["attacker"]
@@ -199,15 +207,15 @@ def attacks_markdown(a: dict) -> list[str]:
         md += [f"**relearn** (fine-tune on k real images of the forgotten digit, Adam lr {s['lr']:g}, batch "
                f"{s['batch']}, up to {s['steps']} steps, judged on {s['n']} samples every {s['eval_every']} steps): "
                "steps until ≥ 50 % are recognised ('never': not within the budget; 'retrain' never learned the "
-               "digit: the floor; a k stops when the judge reaches 50 %, so the attacker's count is within that "
-               "run). 'both': the share of the last samples that judge and attacker both recognise.", "",
+               "digit: the floor; a k stops when the judge reaches 50 %: '> N' = the attacker had not by then). "
+               "'both': the share of the last samples that judge and attacker both recognise.", "",
                "| method | " + " | ".join(f"judge k={k}" for k in ks) + " | "
                + " | ".join(f"attacker k={k}" for k in ks) + " | judge / both at the end (per k) | s |",
                "|---|" + "---|" * (2 * len(ks) + 2)]
         for r in a["rows"]:
             rows = {x["k"]: x for x in r["relearn"]["rows"]}
             md.append(f"| {r['method']} | " + " | ".join(_steps(rows[k]["steps_to_50_judge"]) for k in ks) + " | "
-                      + " | ".join(_steps(rows[k]["steps_to_50_attacker"]) for k in ks) + " | "
+                      + " | ".join(_attacker_steps(rows[k]) for k in ks) + " | "
                       + ", ".join(f"{_pct(rows[k]['post_judge'])} / {_pct(rows[k].get('post_both'))}" for k in ks)
                       + f" | {r['relearn']['wall_seconds']:.0f} |")
     return md

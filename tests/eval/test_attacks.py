@@ -152,7 +152,8 @@ def test_leaderboard_attack_stage_is_reused_and_tabled(world, tmp_path, capsys):
     assert "attack_latent_sfd: reusing" in capsys.readouterr().out
     assert again["rows"] == first["rows"] and again["stage_key"] == first["stage_key"]
     row = dict(first["rows"][0])
-    relearn_rows = [{"k": 1, "steps_to_50_judge": None, "steps_to_50_attacker": 2, "post_judge": 0.25}]
+    relearn_rows = [{"k": 1, "steps_to_50_judge": None, "steps_to_50_attacker": 2, "post_judge": 0.25,
+                     "steps_run": 2, "max_steps": 2}]
     board = {"kinds": ["latent", "relearn"], "settings": la.FAST_SETTINGS,
              "judge": {"arch": "resnet18", "seed": 1, "held_out_accuracy": 0.97},
              "attacker": {"arch": "cnn", "width": 32, "seed": 0},
@@ -160,6 +161,8 @@ def test_leaderboard_attack_stage_is_reused_and_tabled(world, tmp_path, capsys):
                        "relearn": {"rows": relearn_rows, "wall_seconds": 2.0}} for m in ("sfd", "retrain")]}
     md = "\n".join(la.attacks_markdown(board))
     assert "| retrain |" in md and "judge k=1" in md and "| never | 2 | 25% / – |" in md
+    stopped = dict(relearn_rows[0], steps_to_50_judge=1, steps_to_50_attacker=None, steps_run=1)
+    assert la._attacker_steps(stopped) == "> 1" and la._attacker_steps(dict(stopped, steps_run=2)) == "never"
     both = la.recognised_by_both(str(tmp_path / "attacks" / "sfd_latent.npz"), load_classifier(world["attacker"]),
                                  load_classifier(world["judge"]), 3)
     assert set(both) == {"pre", "post"} and all(0.0 <= v <= 1.0 for v in both.values())
