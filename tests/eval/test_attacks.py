@@ -119,6 +119,10 @@ def _fails(*args, match: str):
 
 
 def test_attack_command_refuses_bad_input_in_one_line(world, tmp_path):
+    helped = run_cli("sfd_jax.evaluate", "attack", "--helpshort")
+    listed = {ln.split(":")[0].strip() for ln in helped.stdout.splitlines() if ln.startswith("  --")}
+    assert helped.returncode == 0 and {"--kind", "--budget", "--k", "--judge_classifier"} <= listed
+    assert "--classifier" not in listed and "--sampler" not in listed          # other subcommands' flags
     (tmp_path / "not_a_run").mkdir()
     (tmp_path / "a_file").write_text("x")
     base = [f"--target=3", f"--attacker_classifier={world['attacker']}", f"--out={tmp_path / 'r'}"]
