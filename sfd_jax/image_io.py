@@ -13,13 +13,14 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.floor(v * 255.0 + 0.5).astype(np.uint8)
 
 
-def _pil(img: np.ndarray) -> Image.Image:
+def to_pil(img: np.ndarray) -> Image.Image:
+    """A uint8 HWC image (C = 1 or 3) as a PIL image (one channel: mode L)."""
     return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
 
 def save_png(img_uint8: np.ndarray, path: str | os.PathLike) -> None:
     """One HWC uint8 image (C = 1 or 3) to a PNG."""
-    _pil(img_uint8).save(path)
+    to_pil(img_uint8).save(path)
 
 
 def make_grid(images_uint8: np.ndarray, nrow: int, padding: int = 0) -> np.ndarray:

@@ -182,10 +182,10 @@ def make_image_fn(unet, vae, text_encoder, alphas_cumprod, t_init: int, num_step
 
 
 def _save(img: np.ndarray, path: str, fmt: str) -> None:
-    from PIL import Image
+    from sfd_jax.image_io import to_pil
 
     tmp = f"{path}.tmp{os.getpid()}"
-    im = Image.fromarray(img)
+    im = to_pil(img)   # a one-channel world's images as mode L
     if fmt == "jpg":
         im.save(tmp, format="JPEG", quality=75)
     else:
