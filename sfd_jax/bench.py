@@ -79,6 +79,9 @@ def main(argv):
     if FLAGS.compare:
         if FLAGS.compare != "torch":
             raise UsageError(f"--compare must be 'torch', got {FLAGS.compare!r}")
+        if mode == "sfd" and not isinstance(FLAGS.config.distill.label_to_forget, int):
+            raise UsageError("--compare=torch times one forgotten class (the original's iteration); got "
+                             f"distill.label_to_forget={FLAGS.config.distill.label_to_forget!r}")
         return _report_compare(compare_torch(FLAGS.config, mode, batch, FLAGS.steps))
     _report(bench(FLAGS.config, mode, batch, FLAGS.steps, FLAGS.peak_tflops))
 

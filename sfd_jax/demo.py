@@ -68,6 +68,9 @@ def main(argv):
         from sfd_jax.sd.demo import run_sd_demo
         from sfd_jax.sd.demo_attacks import parse_kinds, run_sd_attacks
         kinds = parse_kinds(FLAGS.attacks) if FLAGS.attacks else ()   # a bad kind: one line before any stage
+        if kinds and FLAGS.forget is not None and "," in FLAGS.forget:
+            raise UsageError("--attacks attacks one forgotten concept; run several concepts (--forget=a,b) "
+                             "without --attacks")
         run_sd_demo(FLAGS.workdir if FLAGS["workdir"].present else "demo_sd", data=FLAGS.data,
                     class_names=FLAGS.class_names, templates=FLAGS.templates, forget=FLAGS.forget,
                     override=FLAGS.override, fast=FLAGS.fast)
