@@ -41,6 +41,21 @@ def test_fast_sd_demo_writes_every_output_and_reuses_stages(tmp_path, capsys):
     stages = report["timings_s"]["stages"]
     assert {"world", "teacher", "export", "student", "forget_three_to_eight", "classifier"} <= set(stages)
 
+    # The world's forgetting checkpoint through the user-facing commands: `evaluate prompts` and `sample --prompt`
+    # (base pipeline and t_init read from the checkpoint's config) write the same image for the same seed.
+    (tmp_path / "p.txt").write_text("a photo of a three\n")
+    run_cli("sfd_jax.evaluate", "prompts", f"--checkpoint={wd / 'forget_three_to_eight'}",
+            f"--prompts={tmp_path / 'p.txt'}", "--seeds=0-1", f"--outdir={tmp_path / 'ev'}", "--noprogress",
+            check=True)
+    run_cli("sfd_jax.sample", f"--checkpoint={wd / 'forget_three_to_eight'}", "--prompt=a photo of a three",
+            "--seed=0", "--n_per_class=1", f"--out={tmp_path / 'sa'}", check=True)
+    ev = sorted((tmp_path / "ev").rglob("*.png"))
+    sa = sorted((tmp_path / "sa").rglob("*.png"))
+    assert [p.name for p in ev] == ["00000.png", "00001.png"] and [p.name for p in sa] == ["00000.png"]
+    a, b = (np.asarray(Image.open(p)) for p in (ev[0], sa[0]))
+    assert a.shape == b.shape and a.shape[:2] == (8, 8)
+    np.testing.assert_array_equal(a, b)
+
     run_sd_demo(str(wd), forget="one", fast=True, compile_cache=False)
     again = json.loads((wd / "report.json").read_text())["timings_s"]["stages"]
     for stage in ("world", "teacher", "student", "classifier", "samples_teacher", "samples_student"):
