@@ -265,19 +265,29 @@ def summary_table(r: dict) -> str:
     for c in range(10):
         mark = "  <- forgotten" if c == k else ""
         lines.append(f"{c:>7} | {t[str(c)]['accuracy']:>8.3f} | {g[str(c)]['accuracy']:>9.3f}{mark}")
-    lines += ["", f"{'target':<64} {'value':>7} {'target':>8}  result"]
-    for c in r["targets"].values():
-        lines.append(f"{c['what']:<64} {c['value']:>7.4f} {c['target']:>8}  {'PASS' if c['pass'] else 'FAIL'}")
+    lines += _target_lines(r)
     fg = r["generator_samples"]["forgotten"]
     lines.append(f"forgotten digit {k}: mean entropy {fg['entropy']:.4f}, mean prob {fg['prob']:.4f} "
                  f"(per-class normalisation); its samples are recognised as: {_recognised_as(r)}")
-    lines += ["", f"{'stage':<28} {'seconds':>8}  note"]
+    return "\n".join(lines + _stage_lines(r))
+
+
+def _target_lines(r: dict) -> list[str]:
+    lines = ["", f"{'target':<64} {'value':>7} {'target':>8}  result"]
+    for c in r["targets"].values():
+        lines.append(f"{c['what']:<64} {c['value']:>7.4f} {c['target']:>8}  {'PASS' if c['pass'] else 'FAIL'}")
+    return lines
+
+
+def _stage_lines(r: dict) -> list[str]:
+    """The summary's stage-timing table and verdict."""
+    lines = ["", f"{'stage':<28} {'seconds':>8}  note"]
     for name, v in r["timings_s"]["stages"].items():
         note = f"reused (took {v['seconds_when_run']:.1f}s when run)" if v["reused"] else ""
         lines.append(f"{name:<28} {v['seconds']:>8.1f}  {note}")
     lines.append(f"{'total (this run)':<28} {r['timings_s']['total_this_run']:>8.1f}")
     lines.append("all targets met" if r["all_targets_met"] else "SOME TARGETS NOT MET")
-    return "\n".join(lines)
+    return lines
 
 
 def _recognised_as(r: dict) -> str:
@@ -381,18 +391,10 @@ def multi_summary_table(r: dict) -> str:
     for c in range(10):
         mark = "  <- forgotten" if c in ks else ""
         lines.append(f"{c:>7} | {t[str(c)]['accuracy']:>8.3f} | {g[str(c)]['accuracy']:>9.3f}{mark}")
-    lines += ["", f"{'target':<64} {'value':>7} {'target':>8}  result"]
-    for c in r["targets"].values():
-        lines.append(f"{c['what']:<64} {c['value']:>7.4f} {c['target']:>8}  {'PASS' if c['pass'] else 'FAIL'}")
+    lines += _target_lines(r)
     for k in ks:
         lines.append(f"forgotten digit {k}: its samples are recognised as: {_multi_recognised_as(r, k)}")
-    lines += ["", f"{'stage':<28} {'seconds':>8}  note"]
-    for name, v in r["timings_s"]["stages"].items():
-        note = f"reused (took {v['seconds_when_run']:.1f}s when run)" if v["reused"] else ""
-        lines.append(f"{name:<28} {v['seconds']:>8.1f}  {note}")
-    lines.append(f"{'total (this run)':<28} {r['timings_s']['total_this_run']:>8.1f}")
-    lines.append("all targets met" if r["all_targets_met"] else "SOME TARGETS NOT MET")
-    return "\n".join(lines)
+    return "\n".join(lines + _stage_lines(r))
 
 
 def multi_report_markdown(r: dict) -> str:
