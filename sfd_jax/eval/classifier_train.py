@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -91,15 +92,21 @@ def _batch_size_for(n: int, batch_size: int, mesh) -> int:
 
 
 def make_predict_fn(config: ClassifierConfig, mesh=None):
-    """jit(variables, x [B,H,W,C] in [-1,1]) -> logits [B, n_classes] float32, batch split over ``mesh``."""
+    """jit(variables, x [B,H,W,C] in [-1,1]) -> logits [B, n_classes] float32, batch split over ``mesh``.
+    One jitted function per (config, mesh), so repeated evaluations (per epoch, per attack step) compile once."""
     mesh = mesh if mesh is not None else parallel.make_mesh()
+    return _predict_fn(config, mesh), mesh
+
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(config: ClassifierConfig, mesh):
     model = build_classifier(config)
 
     def predict(variables, x):
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
     repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(predict, in_shardings=(repl, batch), out_shardings=batch), mesh
+    return jax.jit(predict, in_shardings=(repl, batch), out_shardings=batch)
 
 
 def predict_logits(config: ClassifierConfig, variables, images: np.ndarray, *, batch_size: int = 256,
