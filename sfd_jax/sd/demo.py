@@ -255,17 +255,8 @@ def _index(names: list[str], name: str, flag: str) -> int:
 def resolve_concepts(data, forget: str | None, override: str | None) -> tuple[int, int]:
     """Class indices of --forget (default: the first class) and --override (default: the next class)."""
     names = list(data.class_names)
-
-    def index(name, flag):
-        if name in names:
-            return names.index(name)
-        lower = [n.lower() for n in names]
-        if str(name).lower() in lower:
-            return lower.index(str(name).lower())
-        raise UsageError(f"--{flag} {name!r} is not a class name; expected one of {', '.join(names)}")
-
-    k = 0 if forget is None else index(forget, "forget")
-    o = (k + 1) % len(names) if override is None else index(override, "override")
+    k = 0 if forget is None else _index(names, forget, "forget")
+    o = (k + 1) % len(names) if override is None else _index(names, override, "override")
     if o == k:
         raise UsageError(f"--override must differ from --forget ({names[k]!r})")
     return k, o
