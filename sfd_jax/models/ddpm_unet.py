@@ -20,6 +20,7 @@ import numpy as np
 
 from sfd_jax.models import conv
 from sfd_jax.models.conv import Conv2D
+from sfd_jax.models.group_norm import GroupNorm
 
 Array = jax.Array
 
@@ -52,9 +53,9 @@ def _dense(features: int, in_features: int, name: str, dtype) -> nn.Dense:
                     bias_init=_torch_bias_init(in_features), name=name)
 
 
-def _group_norm(name: str, dtype) -> nn.GroupNorm:
+def _group_norm(name: str, dtype) -> GroupNorm:
     # Exact two-pass variance, statistics in fp32: matches torch.nn.GroupNorm(32, C, eps=1e-6).
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+    return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def timestep_embedding(t: Array, dim: int) -> Array:
