@@ -5,6 +5,7 @@ r"""Time the real jitted train step: images/s, ms/step, FLOPs per image (XLA cos
   python -m sfd_jax.bench --config=configs/sd15_celebrity.py --sd_size=sd15 --batch=8   # SD step, see bench_sd
   python -m sfd_jax.bench --config=configs/cifar10_sfd.py --batch=8 --steps=3 --compare=torch
   python -m sfd_jax.bench --config=configs/cifar10_train.py --batch=8 --steps=3 --compare=torch --mode=pretrain
+  python -m sfd_jax.bench --config=configs/cifar10_train.py --pieces   # forward+backward of each UNet piece, vs PyTorch
 
 Weights are random (no checkpoint or data needed); the step, shardings and donation are exactly the training
 ones. ``--compare=torch`` times the same iteration written in PyTorch (:mod:`sfd_jax.ddpm.torch_bench`) in the same
@@ -33,6 +34,9 @@ flags.DEFINE_bool("compare_precision", False, "sd_sfd: run --steps steps with op
                   "fp16_emulated from the same start and report how far they diverge.")
 flags.DEFINE_string("compare", None, "torch: also time the same iteration in PyTorch (same architecture and "
                     "batch, interleaved in this process) and print both images/s and the ratio (sfd / pretrain).")
+flags.DEFINE_bool("pieces", False, "Time forward + backward of the DDPM UNet's pieces (3x3 conv, GroupNorm + swish, "
+                  "ResnetBlock, AttnBlock) at each of its feature-map shapes, in JAX and in PyTorch side by side "
+                  "(sfd_jax.ddpm.bench_pieces; batch: --batch, default 8).")
 flags.DEFINE_bool("json", False, "Print the result as one JSON object on the last line.")
 FLAGS = flags.FLAGS
 
@@ -66,6 +70,8 @@ def main(argv):
     if FLAGS.config is None:
         raise UsageError("--config is required (configs/<recipe>.py)")
     apply_cpu_xla_flags()   # before JAX creates its backends
+    if FLAGS.pieces:
+        return _report_pieces()
     mode = FLAGS.mode or FLAGS.config.mode
     if mode == "sd_sfd":
         return _main_sd()
@@ -84,6 +90,27 @@ def main(argv):
                              f"distill.label_to_forget={FLAGS.config.distill.label_to_forget!r}")
         return _report_compare(compare_torch(FLAGS.config, mode, batch, FLAGS.steps))
     _report(bench(FLAGS.config, mode, batch, FLAGS.steps, FLAGS.peak_tflops))
+
+
+def _report_pieces() -> None:
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError("--pieces needs PyTorch (pip install torch)")
+    if "model" not in FLAGS.config or "ch_mult" not in FLAGS.config.model:
+        raise UsageError("--pieces times the DDPM UNet: give a DDPM config (configs/cifar10_*.py)")
+    from sfd_jax.ddpm.bench_pieces import shapes_of, time_pieces
+    batch = FLAGS.batch or 8
+    rows = time_pieces(shapes_of(FLAGS.config), batch=batch, repeats=max(FLAGS.steps, 1),
+                       emb_dim=8 * int(FLAGS.config.model.ch))
+    print(f"forward + backward, batch {batch}, fp32, median of {max(FLAGS.steps, 1)} (ms; ratio = PyTorch / sfd_jax)")
+    print("| map | piece | sfd_jax ms | PyTorch ms | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['piece']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | "
+              f"{r['torch_ms'] / r['jax_ms']:.2f}x |")
+    if FLAGS.json:
+        print(json.dumps(rows))
+    sys.stdout.flush()
 
 
 def _main_sd():

@@ -74,3 +74,17 @@ def test_compare_torch_reports_both(mode):
     assert r["jax"]["images_per_s"] > 0 and r["torch"]["images_per_s"] > 0
     assert r["ratio_jax_over_torch"] == pytest.approx(r["jax"]["images_per_s"] / r["torch"]["images_per_s"])
     assert r["torch"]["threads"]["intra_op"] >= 1 and r["jax"]["threads"]["cpus_schedulable"] >= 1
+
+
+def test_pieces_table_times_every_piece_of_each_level():
+    """bench --pieces: one row per piece and level (AttnBlock only where the UNet has attention), positive times."""
+    from sfd_jax.ddpm.bench_pieces import shapes_of, time_pieces
+    cfg = load_config("tiny_test", **{"model.ch": 32, "model.ch_mult": (1, 2), "model.attn_resolutions": (4,),
+                                      "data.image_size": 8})
+    shapes = shapes_of(cfg)
+    assert shapes == [(8, 32, False), (4, 64, True)]
+    rows = time_pieces(shapes, batch=2, repeats=1, emb_dim=8 * 32)
+    assert [(r["shape"], r["piece"]) for r in rows] == [
+        ("8x8x32", "3x3 conv"), ("8x8x32", "GroupNorm + swish"), ("8x8x32", "ResnetBlock"),
+        ("4x4x64", "3x3 conv"), ("4x4x64", "GroupNorm + swish"), ("4x4x64", "ResnetBlock"), ("4x4x64", "AttnBlock")]
+    assert all(r["jax_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
