@@ -25,15 +25,16 @@ import jax
 import jax.numpy as jnp
 
 from sfd_jax.models.attention import check_implementation, dot_product_attention, merge_heads, split_heads
+from sfd_jax.models.group_norm import GroupNorm
 from sfd_jax.models.hf_config import UnsupportedConfigError, parse_config
 
 Dtype = Any
 
 
 # ------------------------------------------------------------------------------------------------ layers
-def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
+def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> GroupNorm:
     # two-pass variance (as torch) rather than E[x^2]-E[x]^2; statistics in float32 whatever the dtype.
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+    return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
