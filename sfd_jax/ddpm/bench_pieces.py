@@ -46,18 +46,13 @@ def time_pieces(shapes, batch: int = 8, repeats: int = 5, emb_dim: int = 1024) -
 
     from sfd_jax.ddpm import torch_unet as T
     from sfd_jax.models import ddpm_unet as J
+    from sfd_jax.models.conv import Conv2D
+    from sfd_jax.models.group_norm import GroupNorm
 
-    class Conv(fnn.Module):
-        c: int
-
+    class Norm(fnn.Module):      # the UNet's GroupNorm (32 groups, eps 1e-6), then swish
         @fnn.compact
         def __call__(self, x):
-            return J._conv(self.c, self.c, 3, "conv", jnp.float32)(x)
-
-    class Norm(fnn.Module):
-        @fnn.compact
-        def __call__(self, x):
-            return fnn.swish(J._group_norm("norm", jnp.float32)(x))
+            return fnn.swish(GroupNorm(32, 1e-6)(x))
 
     class Res(fnn.Module):
         c: int
@@ -95,7 +90,7 @@ def time_pieces(shapes, batch: int = 8, repeats: int = 5, emb_dim: int = 1024) -
         xj, xt = jnp.asarray(xn), torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 3, 1, 2)))
         emb = rng.standard_normal((batch, emb_dim)).astype(np.float32)
         half = emb_dim // 2
-        pieces = [("3x3 conv", (Conv(c), xj), (torch.nn.Conv2d(c, c, 3, padding=1), xt)),
+        pieces = [("3x3 conv", (Conv2D(c, 3), xj), (torch.nn.Conv2d(c, c, 3, padding=1), xt)),
                   ("GroupNorm + swish", (Norm(), xj), (TNorm(c), xt)),
                   ("ResnetBlock", (Res(c), xj, jnp.asarray(emb)),
                    (T.ResnetBlock(c, c, 0.0, half, emb_dim - half).eval(), xt, torch.from_numpy(emb[:, :half]),
