@@ -5,9 +5,9 @@ and converters are unchanged. Input [B, ..., C] (channels last, e.g. NHWC); grou
 
 On the CPU backend the sums over positions are written as a contraction with a vector of ones (``dot_general``, a
 matrix-vector product XLA:CPU hands to Eigen) instead of a reduction over the spatial axes and the within-group
-channels at once: measured on the CIFAR-10 UNet's 32x32x128 maps at batch 8, GroupNorm + swish forward and backward
-take 3.8 ms against 8.4 ms for ``flax.linen.GroupNorm`` (16x16x256: 2.5 vs 3.3 ms). Other backends reduce with
-``jnp.sum``. Both compute the same sums in another order (fp32 rounding apart).
+channels at once, which is what ``flax.linen.GroupNorm`` does and what XLA:CPU runs slowly (``python -m
+sfd_jax.bench --pieces`` times it; the README's benchmark section has the step before and after). Other backends
+reduce with ``jnp.sum``. Both compute the same sums in another order (fp32 rounding apart).
 """
 from __future__ import annotations
 

@@ -100,6 +100,6 @@ def test_remat_changes_neither_outputs_nor_gradients(tiny):
                                atol=1e-6)
     g1, g2 = jax.grad(loss(model))(params), jax.grad(loss(rem))(params)
     # Recomputation fuses the GroupNorm sums differently, so gradients differ by fp32 rounding: compared relative to
-    # each leaf's largest entry, at least 1e-5 as before (a remat bug gives differences of the order of the gradients themselves).
+    # each leaf's largest entry, at least 1e-5 as before (a remat bug gives differences of the gradients' size).
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-5, 3e-6 * float(np.abs(b).max())))
