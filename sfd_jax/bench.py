@@ -41,7 +41,6 @@ flags.DEFINE_bool("json", False, "Print the result as one JSON object on the las
 FLAGS = flags.FLAGS
 
 from sfd_jax.ddpm.bench import bench, compare_torch  # noqa: E402
-from sfd_jax.perf import apply_cpu_xla_flags  # noqa: E402
 
 
 def _report_compare(r: dict) -> None:
@@ -69,7 +68,6 @@ def main(argv):
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None:
         raise UsageError("--config is required (configs/<recipe>.py)")
-    apply_cpu_xla_flags()   # before JAX creates its backends
     if FLAGS.pieces:
         return _report_pieces()
     mode = FLAGS.mode or FLAGS.config.mode

@@ -67,7 +67,12 @@ def _parse_flags(prog: str, argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None], prog: str) -> None:
-    """``absl.app.run(main)``, turning user errors into ``prog: error: <message>`` on stderr and exit 2."""
+    """``absl.app.run(main)``, turning user errors into ``prog: error: <message>`` on stderr and exit 2. First
+    appends the measured-faster XLA:CPU settings to ``XLA_FLAGS`` (:func:`sfd_jax.perf.apply_cpu_xla_flags`: before
+    JAX creates its backends; GPU/TPU ignore them; ``SFD_JAX_NO_CPU_FLAGS=1`` opts out)."""
+    from sfd_jax.perf import apply_cpu_xla_flags
+    apply_cpu_xla_flags()
+
     @functools.wraps(main)
     def wrapped(argv):
         if absl_logging.get_verbosity() <= absl_logging.INFO and "--verbosity" not in " ".join(sys.argv):

@@ -62,8 +62,6 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from sfd_jax.perf import apply_cpu_xla_flags
-    apply_cpu_xla_flags()   # before JAX creates its backends (the measured-faster XLA:CPU settings)
     if FLAGS.task == "sd":
         from sfd_jax.sd.demo import run_sd_demo
         from sfd_jax.sd.demo_attacks import parse_kinds, run_sd_attacks

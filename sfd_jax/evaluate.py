@@ -442,8 +442,6 @@ def attack_main() -> dict:
     from sfd_jax.attacks.spec import check_judge
     from sfd_jax.eval.classifier_train import load_classifier
 
-    from sfd_jax.perf import apply_cpu_xla_flags
-    apply_cpu_xla_flags()   # before JAX creates its backends (the measured-faster XLA:CPU settings for the UNet)
     spec = attack_spec_from_flags()
     module = attack_module(spec.kind)
     check_judge(load_classifier(spec.attacker_classifier), load_classifier(spec.judge_classifier))

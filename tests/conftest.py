@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from sfd_jax.perf import apply_cpu_xla_flags
+
+# The CLIs' XLA:CPU settings (sfd_jax.cli_utils.run applies them) for the in-process tests too, before any test
+# creates JAX's backends, so in-process and command-line runs compile the same programs; run_cli's processes and
+# the test scripts inherit them.
+apply_cpu_xla_flags()
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"                # user recipes
 TEST_CONFIGS = ROOT / "tests" / "configs"  # tiny configs for tests and smoke runs
@@ -31,13 +38,19 @@ def load_config(name: str, **overrides):
     return cfg
 
 
+def subprocess_env(devices: int | None = None, **extra: str) -> dict:
+    """The environment of a test's child process: this one's (with its XLA:CPU settings), the repository on
+    PYTHONPATH, the CPU platform and, given ``devices``, that many fake CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if devices:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return env
+
+
 def run_cli(module: str, *args: str, devices: int | None = None, check: bool = False, cwd=None):
     """Run ``python -m <module> args...`` in a fresh process; returns CompletedProcess (text)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = subprocess_env(devices)
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           cwd=cwd or ROOT, timeout=900)
     if check and proc.returncode != 0:

@@ -14,7 +14,7 @@ from sfd_jax.ddpm.baselines.common import remain_classes, save_tree
 from sfd_jax.ddpm.baselines.salun import saliency_mask
 from sfd_jax.ddpm.config import sibling_config
 from sfd_jax.models.ddpm_unet import ConditionalUNet
-from tests.conftest import ROOT, TEST_CONFIGS, last_line, run_cli
+from tests.conftest import ROOT, TEST_CONFIGS, last_line, run_cli, subprocess_env
 from tests.ddpm.test_train import make_pretrained
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "run_baseline_steps.py")
@@ -49,8 +49,7 @@ def artifacts(tmp_path_factory):
 
 
 def _run_steps(out, teacher, artifacts, devices, *args):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = subprocess_env(devices)
     proc = subprocess.run([sys.executable, SCRIPT, str(out), teacher, artifacts, *args], env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:]

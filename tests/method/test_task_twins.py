@@ -4,7 +4,6 @@ the task. Each run is a subprocess of tests/scripts/run_steps.py with its own fa
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, subprocess_env
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "run_steps.py")
 
@@ -63,8 +62,7 @@ def twin(request, tmp_path_factory):
 
 
 def _start(task, twin, source, out, devices, *args, env_extra=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = subprocess_env(devices, **(env_extra or {}))
     return subprocess.Popen([sys.executable, SCRIPT, task, str(out), source, *twin.args, *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

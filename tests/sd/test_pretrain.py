@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, subprocess_env
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "sd_pretrain_steps.py")
 
@@ -45,8 +45,7 @@ def test_world_base_is_a_pipeline_with_its_measurements(world):
 
 
 def _run_steps(out, base, devices, *args):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
+    env = subprocess_env(devices)
     proc = subprocess.run([sys.executable, SCRIPT, str(out), base, *args], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
