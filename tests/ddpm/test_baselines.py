@@ -59,7 +59,7 @@ def _run_steps(out, teacher, artifacts, devices, *args):
 def test_every_baseline_step_is_the_same_on_1_and_8_devices(tmp_path, teacher, artifacts):
     """retrain, sa_fim (6 one-chunk steps: a whole sample and the next one's first chunk), sa, salun_mask, salun,
     esd: metrics to rtol 1e-5, parameters to 1e-5, accumulated gradients and Adam moments to 1e-4 of the largest
-    element of their kind (sums over the batch reduced in another order; some gradients are zero up to rounding)."""
+    element of their kind (Fisher sums of squared gradients 3e-4) (sums over the batch reduced in another order; some gradients are zero up to rounding)."""
     _run_steps(tmp_path / "one", teacher, artifacts, 1, "--steps=6")
     _run_steps(tmp_path / "eight", teacher, artifacts, 8, "--steps=6", "--data=2", "--fsdp=4")
     def kind(key):   # statistics of gradients, compared relative to the largest element of their kind
@@ -73,7 +73,10 @@ def test_every_baseline_step_is_the_same_on_1_and_8_devices(tmp_path, teacher, a
         for k in leaves:
             scale[kind(k)] = max(scale[kind(k)], float(np.abs(a[k]).max()))
         for k in leaves:
-            tol = 1e-4 * scale[kind(k)] if kind(k) else 1e-5
+            # Fisher partial sums are sums of squared gradients: a reordering's relative error doubles (seen at
+            # 1.4e-4 with XLA's YNNPACK fusions off); a missing or doubled shard would be O(1)
+            rel = 3e-4 if kind(k) == ".partial" else 1e-4
+            tol = rel * scale[kind(k)] if kind(k) else 1e-5
             assert np.abs(a[k] - b[k]).max() <= tol, (mode, k, np.abs(a[k] - b[k]).max())
 
 
