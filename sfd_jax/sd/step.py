@@ -71,6 +71,7 @@ class SDStepSettings:
     ema_halflife_kimg: float = 0.0
     ema_rampup: float = 0.05
     precision: str = "fp32"     # fp32 | fp16_emulated (fp16 weights, moments, gradients; sd_optim)
+    group_below: int = 1 << 14  # leaves this small are rounded together (sd.optim.map_leaves; the FSDP threshold)
 
     @property
     def rounds(self) -> int:
@@ -84,6 +85,7 @@ class SDStepSettings:
     @classmethod
     def from_config(cls, config, *, micro: int, latent_shape, has_neg: bool, n_neg: int) -> "SDStepSettings":
         from sfd_jax.data.prompts import parse_use_neg
+        from sfd_jax.parallel import fsdp_min_size
         d, t = config.distill, config.training
         return cls(batch=int(t.batch), micro=int(micro), latent_shape=tuple(latent_shape),
                    t_init=int(d.init_timestep), num_steps=int(d.num_steps), alpha=float(d.alpha),
@@ -94,7 +96,7 @@ class SDStepSettings:
                    sg_forget_coef=float(d.sg_forget_coef), g_remain_coef=float(d.g_remain_coef),
                    g_forget_coef=float(d.g_forget_coef), dropout_p=float(d.context_dropout),
                    ema_halflife_kimg=float(t.ema_halflife_kimg), ema_rampup=float(t.ema_rampup),
-                   precision=str(config.optim.precision))
+                   precision=str(config.optim.precision), group_below=fsdp_min_size(config))
 
 
 def ema_beta(step: jax.Array, batch: int, halflife_kimg: float, rampup: float) -> jax.Array:
@@ -256,15 +258,15 @@ def make_sd_sfd_step(unet, text_encoder, alphas_cumprod, s: SDStepSettings, g_tx
 
         grads, sg_aux = accumulate(sg_round_loss, state.fake_score,
                                    (frozen, jax.lax.stop_gradient(state.generator)), sg_batch, k_sg)
-        grads = nan_to_num_grads(grads, s.precision)
+        grads = nan_to_num_grads(grads, s.precision, s.group_below)
         updates, sg_opt = sg_tx.update(grads, state.sg_opt, state.fake_score)
-        fake_score = apply_updates(state.fake_score, updates, s.precision)
+        fake_score = apply_updates(state.fake_score, updates, s.precision, s.group_below)
 
         grads, g_aux = accumulate(g_round_loss, state.generator, (frozen, jax.lax.stop_gradient(fake_score)),
                                   g_batch, k_g)
-        grads = nan_to_num_grads(grads, s.precision)
+        grads = nan_to_num_grads(grads, s.precision, s.group_below)
         updates, g_opt = g_tx.update(grads, state.g_opt, state.generator)
-        generator = apply_updates(state.generator, updates, s.precision)
+        generator = apply_updates(state.generator, updates, s.precision, s.group_below)
 
         ema = state.generator_ema
         if ema is not None:

@@ -85,7 +85,7 @@ class SDTrainer(RunDir):
         from sfd_jax.sd.optim import make_sd_optimizer
         o = self.config.optim
         common = dict(beta1=float(o.beta1), beta2=float(o.beta2), eps=float(o.eps),
-                      weight_decay=float(o.weight_decay), precision=o.precision)
+                      weight_decay=float(o.weight_decay), precision=o.precision, group_below=self.min_size)
         g_tx = make_sd_optimizer(o.optimizer, float(o.glr), clip_value=float(o.g_clip_value) or None, **common)
         sg_tx = make_sd_optimizer(o.optimizer, float(o.lr), clip_value=float(o.sg_clip_value) or None, **common)
         return g_tx, sg_tx
@@ -102,7 +102,7 @@ class SDTrainer(RunDir):
         if self.config.optim.precision != "fp16_emulated":
             return tree
         from sfd_jax.sd.optim import to_fp16_values
-        return jax.jit(to_fp16_values)(tree)   # one small program (eagerly: ~5 ops per leaf, 7 s for the tiny UNet)
+        return jax.jit(lambda t: to_fp16_values(t, self.min_size))(tree)   # one small program (eagerly: ~5 ops per leaf, 7 s for the tiny UNet)
 
     def _generator_init(self, shapes):
         path = self.config.sd.generator_init
