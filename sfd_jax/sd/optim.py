@@ -177,7 +177,8 @@ def nan_to_num_grads(grads, precision: str = "fp32", group_below: int = GROUP_BE
     def one(g):
         g = jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
         return round_to_fp16(g.astype(jnp.float32)).astype(g.dtype) if precision == "fp16_emulated" else g
-    return _unflatten_like(grads, map_leaves(one, grads, group_below=group_below if precision != "fp32" else 0))
+    fp16 = precision == "fp16_emulated"   # fp32: nothing to round, leaf by leaf as torch_adam's fp32 path
+    return _unflatten_like(grads, map_leaves(one, grads, group_below=group_below if fp16 else 0))
 
 
 # -------------------------------------------------------------------------------------------- float32 fma

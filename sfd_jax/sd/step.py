@@ -36,7 +36,7 @@ import optax
 from sfd_jax.distill.losses import denoising_loss, sid_generator_loss
 from sfd_jax.models.clip_text import text_embeddings
 from sfd_jax.sd.generator import cfg_guided_eps, generate_latents
-from sfd_jax.sd.optim import apply_updates, nan_to_num_grads
+from sfd_jax.sd.optim import GROUP_BELOW, apply_updates, nan_to_num_grads
 from sfd_jax.distill.state import SDState
 
 PHASE_KEYS = ("sg_remain", "sg_forget", "g_remain", "g_forget")
@@ -71,7 +71,7 @@ class SDStepSettings:
     ema_halflife_kimg: float = 0.0
     ema_rampup: float = 0.05
     precision: str = "fp32"     # fp32 | fp16_emulated (fp16 weights, moments, gradients; sd_optim)
-    group_below: int = 1 << 14  # leaves this small are rounded together (sd.optim.map_leaves; the FSDP threshold)
+    group_below: int = GROUP_BELOW  # leaves this small are rounded together (sd.optim.map_leaves; FSDP threshold)
 
     @property
     def rounds(self) -> int:

@@ -59,7 +59,8 @@ def _run_steps(out, teacher, artifacts, devices, *args):
 def test_every_baseline_step_is_the_same_on_1_and_8_devices(tmp_path, teacher, artifacts):
     """retrain, sa_fim (6 one-chunk steps: a whole sample and the next one's first chunk), sa, salun_mask, salun,
     esd: metrics to rtol 1e-5, parameters to 1e-5, accumulated gradients and Adam moments to 1e-4 of the largest
-    element of their kind (Fisher sums of squared gradients 3e-4) (sums over the batch reduced in another order; some gradients are zero up to rounding)."""
+    element of their kind, Fisher sums of squared gradients to 3e-4 (sums over the batch reduced in another order;
+    some gradients are zero up to rounding)."""
     _run_steps(tmp_path / "one", teacher, artifacts, 1, "--steps=6")
     _run_steps(tmp_path / "eight", teacher, artifacts, 8, "--steps=6", "--data=2", "--fsdp=4")
     def kind(key):   # statistics of gradients, compared relative to the largest element of their kind
